@@ -1,0 +1,1 @@
+"""ciuic_common: the shared runtime of every ciuic service."""

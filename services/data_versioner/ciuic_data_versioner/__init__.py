@@ -1,0 +1,1 @@
+"""The ciuic data_versioner service."""

@@ -1,0 +1,1 @@
+"""The ciuic gpu_agent service."""

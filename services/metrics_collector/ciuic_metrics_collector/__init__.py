@@ -1,0 +1,1 @@
+"""The ciuic metrics_collector service."""

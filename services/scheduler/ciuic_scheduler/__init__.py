@@ -1,0 +1,1 @@
+"""The ciuic scheduler service."""
