@@ -248,7 +248,7 @@ class Bus:
             stream=JStream(event_type.stream.name, declare=False),
             durable=consumer,
             config=config,
-            pull_sub=PullSub(batch_size=concurrency, timeout=5.0),
+            pull_sub=PullSub(batch_size=max(64, concurrency), timeout=5.0),
             ack_policy=AckPolicy.MANUAL,
             max_workers=concurrency if concurrency > 1 else None,
         )(consume)

@@ -1,0 +1,14 @@
+"""`ciuic-gpu-agent`: run the gpu agent service."""
+
+from __future__ import annotations
+
+from ciuic_common.service import run_service
+from ciuic_gpu_agent.service import build
+
+
+def main() -> None:
+    run_service(build())
+
+
+if __name__ == "__main__":
+    main()
