@@ -77,8 +77,8 @@ class Arrivals:
         self.stamps[run_id] = time.perf_counter()
         self._changed.set()
 
-    async def until(self, count: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
+    async def until(self, count: int, limit: float = 120) -> None:
+        deadline = time.monotonic() + limit
         while self.count < count:
             self._changed.clear()
             await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
@@ -111,7 +111,9 @@ async def bench_raw(url: str, n: int, latency_n: int) -> Result:
     await ensure_streams(js)
     arrivals = Arrivals()
     sub = await js.pull_subscribe(
-        "ciuic.run.finished", durable="bench-raw", config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT)
+        "ciuic.run.finished",
+        durable="bench-raw",
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
     )
 
     async def consume() -> None:
@@ -214,7 +216,7 @@ def main() -> None:
     results = asyncio.run(run(args.events, args.latency_events))
     base = results[0]
     print(
-        f"\nbus benchmark: {args.events} × 1 KB events, window {WINDOW}; latency over "
+        f"\nbus benchmark: {args.events} x 1 KB events, window {WINDOW}; latency over "
         f"{args.latency_events} sequential events\nmachine: {platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}\n"
     )

@@ -45,8 +45,10 @@ def _progress_table(states: dict[str, str], started: float) -> Table:
     table.add_column("component")
     table.add_column("state")
     for name, state in states.items():
-        style = "green" if state in ("healthy", "already running") else (
-            "red" if state == "failed" else "yellow"
+        style = (
+            "green"
+            if state in ("healthy", "already running")
+            else ("red" if state == "failed" else "yellow")
         )
         table.add_row(name, f"[{style}]{state}[/]")
     return table

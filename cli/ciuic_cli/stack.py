@@ -253,9 +253,8 @@ class Stack:
                     c.server.binary()
                 elif _script(c) is None:
                     assert c.info is not None
-                    problems.append(
-                        f"{c.name}: the command {c.info.script} is not installed; run `make install`"
-                    )
+                    script = c.info.script
+                    problems.append(f"{c.name}: {script} is not installed; run `make install`")
             except ServerError as exc:
                 problems.append(str(exc))
             for port in c.ports:

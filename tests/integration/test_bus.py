@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import nats
@@ -64,10 +65,11 @@ async def test_failing_message_is_dead_lettered_without_blocking_the_next(bus: B
     assert await asyncio.wait_for(handled.get(), 5) == "healthy"
     assert len(attempts) < retry.max_deliver
 
-    dead = await _next_dead_letter(bus, timeout=10)
+    dead = await _next_dead_letter(bus, wait=10)
     assert len(attempts) == retry.max_deliver
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
-    assert gaps[0] >= 0.25 and gaps[1] >= 0.5, f"backoff not applied: {gaps}"
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps[0] >= 0.25, f"backoff not applied: {gaps}"
+    assert gaps[1] >= 0.5, f"backoff not applied: {gaps}"
     assert dead.subject == "ciuic.deadletter.ciuic.run.finished"
     assert dead.headers["Ciuic-Consumer"] == "picky"
     assert dead.headers["Ciuic-Deliveries"] == "3"
@@ -88,7 +90,7 @@ async def test_undecodable_message_is_dead_lettered_at_once(bus: Bus) -> None:
     bus.subscribe(RunFinished, handler, durable="strict")
     await bus.start()
     await bus.js.publish("ciuic.run.finished", b"{not json", headers={"Nats-Msg-Id": "garbage"})
-    dead = await _next_dead_letter(bus, timeout=10)
+    dead = await _next_dead_letter(bus, wait=10)
     assert dead.headers["Ciuic-Deliveries"] == "1"
     assert "undecodable" in dead.headers["Ciuic-Error"]
     assert calls == []
@@ -111,7 +113,7 @@ async def test_replicas_sharing_a_durable_consumer_split_the_messages(nats_url: 
     for i in range(40):
         await buses[0].publish(RunFinished(run_id=f"r{i}", outcome="succeeded"))
     deadline = time.monotonic() + 10
-    while len(seen["a"]) + len(seen["b"]) < 40 and time.monotonic() < deadline:
+    while len(seen["a"]) + len(seen["b"]) < 40 and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     for bus in buses:
         await bus.close()
@@ -119,9 +121,9 @@ async def test_replicas_sharing_a_durable_consumer_split_the_messages(nats_url: 
     assert sorted(handled) == sorted(f"r{i}" for i in range(40)), "each message exactly once"
 
 
-async def _next_dead_letter(bus: Bus, timeout: float) -> nats.aio.msg.Msg:
+async def _next_dead_letter(bus: Bus, wait: float) -> nats.aio.msg.Msg:
     sub = await bus.js.subscribe("ciuic.deadletter.>", ordered_consumer=True)
     try:
-        return await sub.next_msg(timeout=timeout)
+        return await sub.next_msg(timeout=wait)
     finally:
         await sub.unsubscribe()

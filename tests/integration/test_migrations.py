@@ -106,16 +106,22 @@ async def test_a_failing_migration_leaves_nothing_half_applied(
 ) -> None:
     directory = write(
         tmp_path / "m",
-        {"001_ok.sql": "CREATE TABLE a (id int);", "002_bad.sql": "CREATE TABLE b (id int); SELEC 1;"},
+        {
+            "001_ok.sql": "CREATE TABLE a (id int);",
+            "002_bad.sql": "CREATE TABLE b (id int); SELEC 1;",
+        },
     )
     db = Database(database_url, "svc")
     await db.connect()
     try:
         with pytest.raises(MigrationError, match=r"svc:002_bad failed"):
             await db.migrate(("svc", directory))
-        tables = {r[0] for r in await db.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'svc'"
-        )}
+        tables = {
+            r[0]
+            for r in await db.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'svc'"
+            )
+        }
         assert tables == {"schema_migrations", "outbox", "a"}, "b was rolled back with its file"
     finally:
         await db.close()
@@ -125,5 +131,5 @@ def test_badly_named_migration_files_are_reported(tmp_path: Path) -> None:
     from ciuic_common.db import load_migrations
 
     write(tmp_path, {"1-init.sql": "SELECT 1;"})
-    with pytest.raises(MigrationError, match="NNN_lower_snake.sql"):
+    with pytest.raises(MigrationError, match=r"NNN_lower_snake\.sql"):
         load_migrations(tmp_path, "svc")

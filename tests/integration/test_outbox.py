@@ -44,7 +44,8 @@ CHILD = textwrap.dedent(
         async with db.transaction() as tx:
             await tx.execute("CREATE TABLE IF NOT EXISTS runs (id text PRIMARY KEY)")
             await tx.execute("INSERT INTO runs VALUES ($1)", run_id)
-            await Outbox("svc").add(tx, RunFinished(event_id=run_id, run_id=run_id, outcome="succeeded"))
+            event = RunFinished(event_id=run_id, run_id=run_id, outcome="succeeded")
+            await Outbox("svc").add(tx, event)
         if mode == "after-commit":
             os.kill(os.getpid(), signal.SIGKILL)  # committed, nothing published
         bus = Bus(nats_url, name="child")
@@ -116,10 +117,14 @@ async def test_event_is_not_published_when_its_transaction_rolls_back(
     db = Database(database_url, SCHEMA)
     await db.connect()
     await db.migrate()
-    with pytest.raises(RuntimeError, match="changed my mind"):
+
+    async def commit_then_change_mind() -> None:
         async with db.transaction() as tx:
             await Outbox(SCHEMA).add(tx, RunFinished(run_id="ghost", outcome="failed"))
             raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        await commit_then_change_mind()
     await db.close()
 
     await relay_everything(database_url, nats_url)

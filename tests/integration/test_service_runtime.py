@@ -100,10 +100,9 @@ def test_service_drains_and_exits_cleanly_on_sigterm(
     services: dict[str, tuple[subprocess.Popen[bytes], int, int, Path]], info: ServiceInfo
 ) -> None:
     proc, grpc_port, _, log = services[info.name]
-    wait_until(
-        lambda: health_check_sync(f"127.0.0.1:{grpc_port}") == "SERVING", 60, info.name
-    )
+    wait_until(lambda: health_check_sync(f"127.0.0.1:{grpc_port}") == "SERVING", 60, info.name)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()
     lines = log.read_text()
-    assert '"service_draining"' in lines and '"service_stopped"' in lines
+    assert '"service_draining"' in lines
+    assert '"service_stopped"' in lines

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,9 +37,7 @@ E = TypeVar("E", bound=Event)
 Handler = Callable[[E], Awaitable[None]]
 
 PUBLISHED = Counter("ciuic_bus_published_total", "Events published", ["event"])
-HANDLED = Counter(
-    "ciuic_bus_handled_total", "Messages handled", ["event", "consumer", "outcome"]
-)
+HANDLED = Counter("ciuic_bus_handled_total", "Messages handled", ["event", "consumer", "outcome"])
 HANDLE_SECONDS = Histogram(
     "ciuic_bus_handle_seconds", "Time spent in event handlers", ["event", "consumer"]
 )
@@ -106,7 +103,7 @@ class Bus:
         self.broker = NatsBroker(
             url,
             name=name,
-            connect_timeout=connect_timeout,
+            connect_timeout=round(connect_timeout),
             max_reconnect_attempts=-1,  # keep trying through a NATS restart
             reconnect_time_wait=1,
             logger=None,
@@ -115,7 +112,7 @@ class Bus:
 
     @property
     def connection(self) -> Client:
-        return self.broker.connection  # type: ignore[no-any-return]
+        return self.broker.connection
 
     @property
     def js(self) -> JetStreamContext:
@@ -125,7 +122,7 @@ class Bus:
         """Connect and ensure every stream exists."""
         try:
             await self.broker.connect()
-        except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise Unavailable(f"cannot connect to NATS for {self.name}: {exc!r}") from exc
         await ensure_streams(self.js)
 
@@ -260,14 +257,18 @@ class Bus:
                 await handler(event)
             except Exception as exc:
                 # Plain NATS is fire-and-forget: nothing to redeliver; say so and go on.
-                log.warning("core_message_dropped", subject=msg.raw_message.subject, error=repr(exc))
+                log.warning(
+                    "core_message_dropped", subject=msg.raw_message.subject, error=repr(exc)
+                )
 
         self.broker.subscriber(subject)(consume)
 
     async def _dead_letter(self, raw: Any, consumer: str, delivered: int, error: str) -> None:
         """Park the message where a person can look at it, then stop its redelivery."""
         original = raw.headers or {}
-        msg_id = original.get("Nats-Msg-Id") or f"{raw.metadata.stream}-{raw.metadata.sequence.stream}"
+        msg_id = (
+            original.get("Nats-Msg-Id") or f"{raw.metadata.stream}-{raw.metadata.sequence.stream}"
+        )
         headers = {
             **original,
             "Nats-Msg-Id": f"{msg_id}:{consumer}:dead",

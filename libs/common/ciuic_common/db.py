@@ -8,6 +8,7 @@ A PostgreSQL advisory lock makes concurrent starts (two replicas) apply each fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -15,15 +16,19 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 from ciuic_common.errors import CiuicError, ConfigError
 from ciuic_common.logging import get_logger
 
 __all__ = [
+    "Connection",
     "Database",
     "Migration",
     "MigrationError",
@@ -33,6 +38,9 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+#: A connection as handlers see it: a pooled one (inside `Database.transaction`) or a plain one.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 COMMON_MIGRATIONS = Path(__file__).parent / "migrations"
 _NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
@@ -88,7 +96,7 @@ def _quote(identifier: str) -> str:
 
 
 async def apply_migrations(
-    conn: asyncpg.Connection, schema: str, migrations: Sequence[Migration]
+    conn: Connection, schema: str, migrations: Sequence[Migration]
 ) -> list[Migration]:
     """Apply the migrations not yet applied to `schema`, each in its own transaction.
 
@@ -109,7 +117,9 @@ async def apply_migrations(
                    applied_at timestamptz NOT NULL DEFAULT now(),
                    PRIMARY KEY (source, version))"""
         )
-        rows = await conn.fetch(f"SELECT source, version, name, checksum FROM {quoted}.schema_migrations")
+        rows = await conn.fetch(
+            f"SELECT source, version, name, checksum FROM {quoted}.schema_migrations"
+        )
         applied = {(r["source"], r["version"]): r for r in rows}
         done: list[Migration] = []
         for migration in migrations:
@@ -126,7 +136,9 @@ async def apply_migrations(
                 try:
                     await conn.execute(migration.sql)
                 except asyncpg.PostgresError as exc:
-                    raise MigrationError(f"{migration.label} failed in schema {schema}: {exc}") from exc
+                    raise MigrationError(
+                        f"{migration.label} failed in schema {schema}: {exc}"
+                    ) from exc
                 await conn.execute(
                     f"INSERT INTO {quoted}.schema_migrations (source, version, name, checksum)"
                     " VALUES ($1, $2, $3, $4)",
@@ -153,20 +165,17 @@ async def ensure_database(url: str) -> None:
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
-            try:
+            # Another process may create it between our check and our create.
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
                 await conn.execute(f'CREATE DATABASE "{name}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass  # another process created it between our check and our create
     finally:
         await conn.close()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     # jsonb and json columns come back as Python objects, and go in from them.
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(
-            kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 class Database:
@@ -208,13 +217,13 @@ class Database:
             return await apply_migrations(conn, self.schema, migrations)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+    async def transaction(self) -> AsyncIterator[Connection]:
         """A connection inside a transaction: committed on success, rolled back on error."""
         async with self.pool.acquire() as conn, conn.transaction():
             yield conn
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection without a transaction (for LISTEN and single statements)."""
         async with self.pool.acquire() as conn:
             yield conn

@@ -72,7 +72,7 @@ def configure_logging(
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     """A logger; bind context with `.bind(...)` or `bind(...)` for the whole task."""
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)
 
 
 def bind(**values: Any) -> None:

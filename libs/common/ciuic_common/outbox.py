@@ -19,7 +19,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from ciuic_common.bus import Bus
-from ciuic_common.db import Database
+from ciuic_common.db import Connection, Database
 from ciuic_common.events import STREAMS, Event
 from ciuic_common.logging import get_logger
 
@@ -45,7 +45,7 @@ class Outbox:
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING"
         )
 
-    async def add(self, conn: asyncpg.Connection, *events: Event) -> None:
+    async def add(self, conn: Connection, *events: Event) -> None:
         """Stage `events` for publishing once the current transaction commits."""
         if not conn.is_in_transaction():
             raise RuntimeError("Outbox.add must run inside the transaction it belongs to")
@@ -98,7 +98,7 @@ class OutboxRelay:
                     self._wake.clear()
                     try:
                         await self.drain()
-                    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+                    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                         # NATS or PostgreSQL is away for a moment; rows stay and we try again.
                         log.warning("outbox_relay_failed", schema=self.schema, error=repr(exc))
                     with contextlib.suppress(asyncio.TimeoutError):

@@ -7,7 +7,7 @@ period, background tasks are cancelled, the outbox is flushed, connections close
 
     service = Service("scheduler", SchedulerSettings(), migrations=HERE / "migrations")
     service.subscribe(JobFinished, on_job_finished, durable="scheduler-job-finished")
-    service.add_grpc(add_SchedulerServiceServicer_to_server, SchedulerApi(...), "ciuic.v1.SchedulerService")
+    service.add_grpc(add_SchedulerServiceServicer_to_server, SchedulerApi(), INFO.proto_service)
     run_service(service)
 """
 
@@ -61,7 +61,9 @@ class Service:
         self.uses = uses
         self.migrations = migrations
         self.schema = schema or name
-        self.bus = Bus(settings.nats_url, name=f"ciuic-{name}", connect_timeout=settings.nats_connect_timeout)
+        self.bus = Bus(
+            settings.nats_url, name=f"ciuic-{name}", connect_timeout=settings.nats_connect_timeout
+        )
         self.db: Database | None = None
         self.outbox: Outbox | None = None
         if "postgres" in uses:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ciuic_common.service import run_service
 from ciuic_alerter.service import build
+from ciuic_common.service import run_service
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""Wiring of the alerter service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the alerter service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (alert rules and states); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (alert rules and states); until then it starts through the
+shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations

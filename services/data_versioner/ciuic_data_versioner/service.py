@@ -1,7 +1,8 @@
-"""Wiring of the data versioner service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the data versioner service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (dataset versions and lineage); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (dataset versions and lineage); until then it starts
+through the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def build(settings: DataVersionerSettings | None = None) -> Service:
         migrations=Path(__file__).resolve().parent.parent / "migrations",
     )
     service.add_grpc(
-        data_versioner_pb2_grpc.add_DataVersionerServiceServicer_to_server, DataVersionerApi(), INFO.proto_service
+        data_versioner_pb2_grpc.add_DataVersionerServiceServicer_to_server,
+        DataVersionerApi(),
+        INFO.proto_service,
     )
     return service

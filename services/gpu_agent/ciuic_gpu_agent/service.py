@@ -1,12 +1,11 @@
-"""Wiring of the gpu agent service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the gpu agent service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (issue 5: inventory and job execution); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (issue 5: inventory and job execution); until then it
+starts through the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from ciuic_common.components import service as component
 from ciuic_common.proto import gpu_agent_pb2_grpc

@@ -1,7 +1,8 @@
-"""Wiring of the metrics collector service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the metrics collector service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (issue 6: metric queries and streams); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (issue 6: metric queries and streams); until then it starts
+through the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def build(settings: MetricsCollectorSettings | None = None) -> Service:
         migrations=Path(__file__).resolve().parent.parent / "migrations",
     )
     service.add_grpc(
-        metrics_collector_pb2_grpc.add_MetricsServiceServicer_to_server, MetricsCollectorApi(), INFO.proto_service
+        metrics_collector_pb2_grpc.add_MetricsServiceServicer_to_server,
+        MetricsCollectorApi(),
+        INFO.proto_service,
     )
     return service

@@ -1,7 +1,8 @@
-"""Wiring of the packager service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the packager service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (model export and registry); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (model export and registry); until then it starts through
+the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Wiring of the scheduler service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the scheduler service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (issue 4: runs, jobs, trials, agents); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (issue 4: runs, jobs, trials, agents); until then it starts
+through the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def build(settings: SchedulerSettings | None = None) -> Service:
         migrations=Path(__file__).resolve().parent.parent / "migrations",
     )
     service.add_grpc(
-        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, SchedulerApi(), INFO.proto_service
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
+        SchedulerApi(),
+        INFO.proto_service,
     )
     return service

@@ -1,7 +1,8 @@
-"""Wiring of the traffic router service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the traffic router service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (rollouts and experiments); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (rollouts and experiments); until then it starts through
+the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def build(settings: TrafficRouterSettings | None = None) -> Service:
         migrations=Path(__file__).resolve().parent.parent / "migrations",
     )
     service.add_grpc(
-        traffic_router_pb2_grpc.add_TrafficRouterServiceServicer_to_server, TrafficRouterApi(), INFO.proto_service
+        traffic_router_pb2_grpc.add_TrafficRouterServiceServicer_to_server,
+        TrafficRouterApi(),
+        INFO.proto_service,
     )
     return service

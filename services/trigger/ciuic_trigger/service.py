@@ -1,7 +1,8 @@
-"""Wiring of the trigger service: settings, gRPC API, subscriptions, background loops.
+"""Wiring of the trigger service:
+settings, gRPC API, subscriptions, background loops.
 
-Its behaviour arrives with its issue (issue 3: webhooks, TriggerRun, deliveries); until then it starts through the shared
-runtime, reports SERVING on gRPC health and stops cleanly.
+Its behaviour arrives with its issue (issue 3: webhooks, TriggerRun, deliveries); until then it
+starts through the shared runtime, reports SERVING on gRPC health and stops cleanly.
 """
 
 from __future__ import annotations

@@ -213,7 +213,10 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def terminate(pid: int, timeout: float, sig: signal.Signals = signal.SIGTERM) -> bool:
-    """Signal the process group of `pid`, wait up to `timeout`, then SIGKILL. True if it was alive."""
+    """Signal the process group of `pid`, wait up to `timeout`, then SIGKILL.
+
+    Returns True if the process was alive.
+    """
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:

@@ -37,10 +37,10 @@ def nats_server(ciuic_tmp: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-async def nats_url(nats_server: NatsServer) -> AsyncIterator[str]:
+async def nats_url(nats_server: NatsServer) -> str:
     """The session's NATS, emptied of every stream (and so every consumer) before the test."""
     await _delete_streams(nats_server.url)
-    yield nats_server.url
+    return nats_server.url
 
 
 async def _delete_streams(url: str) -> None:
@@ -48,6 +48,7 @@ async def _delete_streams(url: str) -> None:
     try:
         js = nc.jetstream()
         for info in await js.streams_info():
+            assert info.config.name is not None
             await js.delete_stream(info.config.name)
     finally:
         await nc.close()

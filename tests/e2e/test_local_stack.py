@@ -1,0 +1,126 @@
+"""`ciuic up`, `status`, `logs` and `down`, run as a person runs them, on free ports with a
+temporary CIUIC_HOME: everything comes up healthy, the data survives a restart, and nothing is
+left running afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ciuic_common.components import SERVICES
+from ciuic_common.servers import pid_alive, port_is_free
+from ciuic_common.servers.seaweedfs import free_s3_port
+from ciuic_common.settings import S3Settings
+from ciuic_common.storage import Storage
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CIUIC = str(Path(sys.executable).parent / "ciuic")
+
+
+def free_block(size: int) -> int:
+    """The first port of `size` consecutive free ports below the ephemeral range."""
+    for _ in range(200):
+        base = random.randrange(33000 - 5000, 33000 - size)
+        if all(port_is_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {
+        **os.environ,
+        "CIUIC_HOME": str(tmp_path / "home"),
+        "CIUIC_NATS_PORT": str(free_block(1)),
+        "CIUIC_NATS_MONITOR_PORT": str(free_block(1)),
+        "CIUIC_POSTGRES_PORT": str(free_block(1)),
+        "CIUIC_S3_PORT": str(free_s3_port()),
+        "CIUIC_GRPC_PORT_BASE": str(free_block(len(SERVICES))),
+        "CIUIC_METRICS_PORT_BASE": str(free_block(len(SERVICES))),
+    }
+    yield env
+    subprocess.run([CIUIC, "down"], env=env, capture_output=True, timeout=180)
+
+
+def ciuic(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([CIUIC, *args], env=env, capture_output=True, text=True, timeout=180)
+    if check:
+        assert proc.returncode == 0, f"ciuic {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def status(env: dict[str, str]) -> dict[str, dict[str, object]]:
+    rows = json.loads(ciuic(env, "status", "--json", check=False).stdout)
+    return {r["name"]: r for r in rows}
+
+
+def test_up_status_logs_down_and_up_again_keeps_the_data(stack_env: dict[str, str]) -> None:
+    ciuic(stack_env, "up")
+    first = status(stack_env)
+    assert {n: r["state"] for n, r in first.items()} == dict.fromkeys(first, "healthy")
+    assert len(first) == 3 + len(SERVICES)
+    assert ciuic(stack_env, "up").returncode == 0, "a second `up` is harmless"
+
+    log = ciuic(stack_env, "logs", "scheduler", "-n", "5").stdout
+    assert '"service_ready"' in log
+
+    db_url = f"postgresql://postgres@127.0.0.1:{stack_env['CIUIC_POSTGRES_PORT']}/ciuic"
+    s3 = S3Settings(s3_endpoint=f"http://127.0.0.1:{stack_env['CIUIC_S3_PORT']}")
+    asyncio.run(write_data(db_url, s3))
+
+    ciuic(stack_env, "down")
+    pids = [int(r["pid"]) for r in first.values()]  # type: ignore[call-overload]
+    assert [p for p in pids if pid_alive(p)] == [], "no process left behind"
+    assert all(r["state"] == "stopped" for r in status(stack_env).values())
+
+    ciuic(stack_env, "up")
+    assert asyncio.run(read_data(db_url, s3)) == ("kept", b"kept too")
+
+
+async def write_data(db_url: str, s3: S3Settings) -> None:
+    conn = await asyncpg.connect(db_url)
+    await conn.execute("CREATE TABLE keep (v text); INSERT INTO keep VALUES ('kept')")
+    await conn.close()
+    async with Storage(s3) as storage:
+        await storage.ensure_bucket("keep")
+        await storage.put_bytes("keep", "it", b"kept too")
+
+
+async def read_data(db_url: str, s3: S3Settings) -> tuple[str, bytes]:
+    conn = await asyncpg.connect(db_url)
+    value = await conn.fetchval("SELECT v FROM keep")
+    await conn.close()
+    async with Storage(s3) as storage:
+        return value, await storage.get_bytes("keep", "it")
+
+
+def test_a_taken_port_is_one_clear_error_naming_component_port_and_fix(
+    stack_env: dict[str, str],
+) -> None:
+    port = int(stack_env["CIUIC_POSTGRES_PORT"])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        proc = ciuic(stack_env, "up", check=False)
+    assert proc.returncode == 1
+    assert f"postgres: port {port}" in proc.stderr
+    assert "CIUIC_POSTGRES_PORT" in proc.stderr
+    assert all(r["state"] == "stopped" for r in status(stack_env).values()), "nothing started"
+
+
+def test_logs_of_an_unknown_component_lists_the_known_ones(stack_env: dict[str, str]) -> None:
+    proc = ciuic(stack_env, "logs", "nope", check=False)
+    assert proc.returncode == 1
+    assert "no component 'nope'" in proc.stderr
+    assert "scheduler" in proc.stderr
