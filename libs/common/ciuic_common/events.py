@@ -457,9 +457,7 @@ def registry_markdown() -> str:
     ]
     base = set(Event.model_fields)
     for name, cls in sorted(EVENTS.items()):
-        fields = ", ".join(
-            f"`{f}`" for f in cls.model_fields if f not in base
-        )
+        fields = ", ".join(f"`{f}`" for f in cls.model_fields if f not in base)
         stream = cls.stream.name if cls.stream else "none (plain NATS)"
         out.append(f"| `{name}` | {cls.kind} | `{cls.subject}` | {stream} | {fields} |")
     out.append("")
