@@ -31,7 +31,7 @@ def log(metrics: Mapping[str, float], step: int | None = None) -> None:
     NaN and infinities are sent as they are: a diverging loss is worth seeing.
     """
     global _sock, _connected_to
-    points = []
+    points: list[dict[str, object]] = []
     now = time.time()
     for key, value in metrics.items():
         if not isinstance(key, str) or not key:
