@@ -8,9 +8,11 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,10 +40,13 @@ def free_block(size: int) -> int:
 
 
 @pytest.fixture
-def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+def stack_env() -> Iterator[dict[str, str]]:
+    # Not under pytest's tmp_path, which a concurrent pytest may reset to mode 0700 (PostgreSQL
+    # runs as its own system user when we are root).
+    home = Path(tempfile.mkdtemp(prefix="ciuic-home-"))
     env = {
         **os.environ,
-        "CIUIC_HOME": str(tmp_path / "home"),
+        "CIUIC_HOME": str(home),
         "CIUIC_NATS_PORT": str(free_block(1)),
         "CIUIC_NATS_MONITOR_PORT": str(free_block(1)),
         "CIUIC_POSTGRES_PORT": str(free_block(1)),
@@ -51,6 +56,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     }
     yield env
     subprocess.run([CIUIC, "down"], env=env, capture_output=True, timeout=180)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def ciuic(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -4,6 +4,8 @@ temporary directories, once per session; each test gets clean state where it mat
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -61,12 +63,16 @@ def start_postgres(root: Path) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(ciuic_tmp: Path) -> Iterator[PostgresServer]:
+def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the whole session."""
-    proc = start_postgres(ciuic_tmp / "postgres")
+    # Not under pytest's tmp_path: a concurrent pytest run resets that tree to mode 0700, which
+    # would lock out PostgreSQL's own system user when we run as root.
+    root = Path(tempfile.mkdtemp(prefix="ciuic-postgres-"))
+    proc = start_postgres(root)
     assert isinstance(proc.server, PostgresServer)
     yield proc.server
     proc.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
