@@ -166,7 +166,7 @@ async def ensure_database(url: str) -> None:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
             # Another process may create it between our check and our create.
-            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
                 await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()

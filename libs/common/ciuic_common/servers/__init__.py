@@ -15,6 +15,7 @@ from ciuic_common.servers._base import (
 )
 from ciuic_common.servers.nats import NatsServer
 from ciuic_common.servers.postgres import PostgresServer
+from ciuic_common.servers.seaweedfs import S3Server, free_s3_port
 
 __all__ = [
     "LocalServer",
@@ -22,8 +23,10 @@ __all__ = [
     "Port",
     "PostgresServer",
     "ServerError",
+    "S3Server",
     "ServerProcess",
     "free_port",
+    "free_s3_port",
     "pid_alive",
     "port_is_free",
     "running",

@@ -5,7 +5,7 @@ Fixtures: `nats_server`/`nats_url` (NATS with JetStream), `postgres_server`/`dat
 fresh bucket per test). Servers start once per session on free ports in temporary directories.
 """
 
-from ciuic_common.testing.s3 import s3_bucket, s3_server, storage
+from ciuic_common.testing.s3 import s3_bucket, s3_server, start_s3, storage
 from ciuic_common.testing.servers import (
     ciuic_tmp,
     database_url,
@@ -26,5 +26,6 @@ __all__ = [
     "s3_server",
     "start_nats",
     "start_postgres",
+    "start_s3",
     "storage",
 ]
