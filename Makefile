@@ -9,7 +9,7 @@ PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES)) pyproject.toml requiremen
 LINT_PATHS := libs cli services tests bench tools
 PROTO_OUT := libs/common/ciuic_common/proto
 
-.PHONY: install test test-unit lint proto proto-check up down status demo bench clean
+.PHONY: install test test-unit lint proto up down status demo bench docs clean
 
 install: $(VENV)/.installed ## create .venv and install every package editable (no-op when nothing changed)
 

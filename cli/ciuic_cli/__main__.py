@@ -127,16 +127,9 @@ def logs(
     stack = Stack()
     try:
         c = stack.component(component)
-        stream = stack.follow(c, lines)
-        if not follow:
-            path = stack.log_path(c)
-            if not path.exists():
-                raise StackError(f"{c.name} has no log yet at {path}; start it with `ciuic up`")
-            for line in path.read_text(errors="replace").splitlines()[-lines:]:
-                print(line)
-            return
-        for line in stream:
-            print(line, flush=True)
+        lines_out = stack.follow(c, lines) if follow else stack.tail(c, lines)
+        for line in lines_out:
+            print(line, flush=follow)
     except StackError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:

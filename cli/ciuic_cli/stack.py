@@ -38,6 +38,7 @@ from ciuic_common.servers import (
     ServerError,
     pid_alive,
     port_is_free,
+    tail,
     terminate,
 )
 from ciuic_common.servers.seaweedfs import S3Server
@@ -335,14 +336,14 @@ class Stack:
             if self.pid(c) is None:
                 raise StackError(
                     f"{c.name} exited during start; last lines of {self.log_path(c)}:\n"
-                    f"{_tail(self.log_path(c))}"
+                    f"{tail(self.log_path(c))}"
                 )
             if self.healthy(c):
                 return
             time.sleep(0.2)
         raise StackError(
             f"{c.name} was not healthy within {timeout:.0f}s; last lines of {self.log_path(c)}:\n"
-            f"{_tail(self.log_path(c))}"
+            f"{tail(self.log_path(c))}"
         )
 
     # -- down --------------------------------------------------------------------------------
@@ -363,16 +364,22 @@ class Stack:
             terminate(pid, c.stop_timeout)
         else:
             terminate(pid, c.stop_timeout, c.server.stop_signal)
+            c.server.after_stop()
         self._forget(c)
         return True
 
     # -- logs --------------------------------------------------------------------------------
-    def follow(self, c: Component, lines: int) -> Iterator[str]:
-        """The last `lines` lines of a component's log, then new lines as they come."""
+    def tail(self, c: Component, lines: int) -> list[str]:
+        """The last `lines` lines of a component's log."""
         path = self.log_path(c)
         if not path.exists():
             raise StackError(f"{c.name} has no log yet at {path}; start it with `ciuic up`")
-        yield from _tail(path, lines).splitlines(keepends=False)
+        return tail(path, lines).splitlines()
+
+    def follow(self, c: Component, lines: int) -> Iterator[str]:
+        """The last `lines` lines of a component's log, then new lines as they come."""
+        path = self.log_path(c)
+        yield from self.tail(c, lines)
         with path.open(errors="replace") as handle:
             handle.seek(0, os.SEEK_END)
             while True:
@@ -398,14 +405,6 @@ def _port_setting(c: Component, port: int) -> str:
     if c.name == "s3" and port != c.ports[0]:
         return "CIUIC_S3_PORT (SeaweedFS's other ports follow it)"
     return f"CIUIC_{c.name.upper()}_PORT"
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -106,3 +106,35 @@ def test_service_drains_and_exits_cleanly_on_sigterm(
     lines = log.read_text()
     assert '"service_draining"' in lines
     assert '"service_stopped"' in lines
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("CIUIC_NATS_URL", "nats://127.0.0.1:1", "cannot connect to NATS at nats://127.0.0.1:1"),
+        (
+            "CIUIC_DATABASE_URL",
+            "postgresql://postgres:hunter2@127.0.0.1:1/x",
+            "cannot connect to PostgreSQL at postgresql://postgres:***@127.0.0.1:1/x",
+        ),
+    ],
+)
+def test_an_unreachable_dependency_is_one_clear_error_and_exit_1(
+    platform_env: dict[str, str], setting: str, value: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ciuic-scheduler")],
+        env={
+            **platform_env,
+            setting: value,
+            "CIUIC_NATS_CONNECT_TIMEOUT": "2",
+            "CIUIC_GRPC_PORT": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "hunter2" not in proc.stderr, "no password in the logs"
+    assert "Traceback" not in proc.stderr

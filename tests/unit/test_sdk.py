@@ -6,7 +6,7 @@ import json
 import math
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import ciuic
 @pytest.fixture
 def agent_socket(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[list[dict[str, float]]]:
+) -> Iterator[Callable[[], list[dict[str, float]]]]:
     """A real Unix socket server standing in for the agent's end; yields what it received."""
     path = tmp_path / "metrics.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -34,19 +34,27 @@ def agent_socket(
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     monkeypatch.setenv("CIUIC_METRICS_SOCKET", str(path))
-    yield received
+
+    def finish() -> list[dict[str, float]]:
+        """Close the channel and wait until the agent's end has read everything."""
+        ciuic.close()
+        thread.join(timeout=5)
+        return received
+
+    yield finish
     ciuic.close()
-    thread.join(timeout=5)
     server.close()
 
 
-def test_log_sends_each_metric_with_its_step(agent_socket: list[dict[str, float]]) -> None:
+def test_log_sends_each_metric_with_its_step(
+    agent_socket: Callable[[], list[dict[str, float]]],
+) -> None:
     ciuic.log({"training_loss": 2.5, "accuracy": 0.5}, step=10)
     ciuic.log({"training_loss": float("nan")})  # next step of this key: 11
-    ciuic.close()
-    keys = [(p["key"], p["step"]) for p in agent_socket]
+    received = agent_socket()
+    keys = [(p["key"], p["step"]) for p in received]
     assert keys == [("training_loss", 10), ("accuracy", 10), ("training_loss", 11)]
-    assert math.isnan(agent_socket[2]["value"])
+    assert math.isnan(received[2]["value"])
 
 
 def test_log_outside_a_job_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

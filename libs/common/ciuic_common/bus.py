@@ -109,6 +109,8 @@ class Bus:
         publish_timeout: float = 10.0,
     ) -> None:
         self.name = name
+        self.url = url
+        self.connect_timeout = connect_timeout
         self.publish_timeout = publish_timeout
         self.broker = NatsBroker(
             url,
@@ -131,9 +133,13 @@ class Bus:
     async def connect(self) -> None:
         """Connect and ensure every stream exists."""
         try:
-            await self.broker.connect()
+            # Bounded: with endless reconnects on, nats-py would also retry a first connect forever.
+            await asyncio.wait_for(self.broker.connect(), self.connect_timeout)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise Unavailable(f"cannot connect to NATS for {self.name}: {exc!r}") from exc
+            raise Unavailable(
+                f"cannot connect to NATS at {self.url} for {self.name} within "
+                f"{self.connect_timeout:g}s ({exc!r}); check CIUIC_NATS_URL and that NATS runs"
+            ) from exc
         await ensure_streams(self.js)
 
     async def start(self) -> None:

@@ -24,7 +24,7 @@ import asyncpg
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from ciuic_common.errors import CiuicError, ConfigError
+from ciuic_common.errors import CiuicError, ConfigError, Unavailable
 from ciuic_common.logging import get_logger
 
 __all__ = [
@@ -154,6 +154,15 @@ async def apply_migrations(
         await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
 
 
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 async def ensure_database(url: str) -> None:
     """Create the database named in `url` when it does not exist (connects to `postgres`)."""
     parts = urlsplit(url)
@@ -197,16 +206,22 @@ class Database:
 
     async def connect(self) -> None:
         """Open the pool (creating the database when missing)."""
-        await ensure_database(self.url)
-        self._pool = await asyncpg.create_pool(
-            self.url,
-            min_size=self._min_size,
-            max_size=self._max_size,
-            server_settings={"search_path": f"{self.schema}, public"},
-            init=_init_connection,
-            timeout=10,
-            command_timeout=60,
-        )
+        try:
+            await ensure_database(self.url)
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                server_settings={"search_path": f"{self.schema}, public"},
+                init=_init_connection,
+                timeout=10,
+                command_timeout=60,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise Unavailable(
+                f"cannot connect to PostgreSQL at {redact(self.url)} for schema {self.schema}: "
+                f"{exc}; check CIUIC_DATABASE_URL and that the server runs"
+            ) from exc
 
     async def migrate(self, *directories: tuple[str, Path]) -> list[Migration]:
         """Apply ciuic_common's migrations, then each (source, directory) given."""

@@ -145,6 +145,9 @@ class LocalServer(abc.ABC):
         """The environment of the server process."""
         return {**os.environ, **self.extra_env}
 
+    def after_stop(self) -> None:  # noqa: B027 - a hook; most servers leave nothing behind
+        """Clean up what the stopped server leaves outside `data_dir`; idempotent."""
+
     def run_as(self) -> str | None:
         """The system user the process must run as, or None for the current one."""
         return None
@@ -274,6 +277,7 @@ class ServerProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
         self._proc = None
+        self.server.after_stop()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

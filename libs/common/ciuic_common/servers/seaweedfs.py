@@ -105,6 +105,9 @@ class S3Server(LocalServer):
         (self.data_dir / "mini.options").unlink(missing_ok=True)
         self.remove_stale_sockets()
 
+    def after_stop(self) -> None:
+        self.remove_stale_sockets()
+
     def remove_stale_sockets(self) -> None:
         """Delete the Unix sockets SeaweedFS left in /tmp for our ports, if none is in use."""
         for port in self.ports():
