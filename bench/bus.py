@@ -4,6 +4,7 @@ Three paths, each against the same real NATS (JetStream, file storage) and Postg
   raw nats-py   JetStream publish → durable pull consumer, explicit ack (the physical baseline)
   bus direct    ciuic_common.bus: Bus.publish → Bus.subscribe handler
   bus outbox    a transaction writes the event to the outbox → relay → Bus → handler
+  pg commit     one 1 KB row per committed transaction, nothing published (the outbox's floor)
 
 Throughput: N events published with a window of concurrent publishes, timed until the last is
 handled. Latency: events published one at a time, each timed from publish (or commit) to handler.
@@ -185,6 +186,25 @@ async def bench_outbox(nats_url: str, db_url: str, n: int, latency_n: int) -> Re
         await bus.close()
 
 
+async def bench_commits(db_url: str, n: int, latency_n: int) -> Result:
+    """The outbox's floor: one 1 KB row committed per transaction, nothing published."""
+    db = Database(db_url, "floor", max_size=WINDOW + 4)
+    await db.connect()
+    await db.migrate()  # creates the schema
+    await db.execute("CREATE TABLE IF NOT EXISTS floor.rows (id text PRIMARY KEY, body bytea)")
+    arrivals = Arrivals()
+
+    async def commit(i: int) -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO floor.rows VALUES ($1, $2)", f"r{i}", event(i).to_bytes())
+        arrivals.hit(f"r{i}")
+
+    try:
+        return await measure("pg commit", n, latency_n, commit, arrivals)
+    finally:
+        await db.close()
+
+
 async def run(n: int, latency_n: int) -> list[Result]:
     root = Path(tempfile.mkdtemp(prefix="ciuic-bench-"))
     nats_srv = NatsServer(data_dir=root / "nats", port=free_port(), monitor_port=free_port())
@@ -196,6 +216,7 @@ async def run(n: int, latency_n: int) -> list[Result]:
         results.append(await bench_bus(nats_srv.url, n, latency_n))
         await _reset(nats_srv.url)
         results.append(await bench_outbox(nats_srv.url, db_url, n, latency_n))
+        results.append(await bench_commits(db_url, n, latency_n))
     return results
 
 
