@@ -26,8 +26,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output (CI logs, `| less`) gets wide tables rather than rich's default 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 STATE_STYLE = {"healthy": "green", "starting": "yellow", "unhealthy": "red", "stopped": "dim"}
 
@@ -68,6 +69,8 @@ def up() -> None:
                 live.update(_progress_table(states, started))
 
             stack.up(progress)
+        if not out.is_terminal:
+            out.print()  # a live display ends mid-line when it is not on a terminal
     except StackError as exc:
         raise fail(str(exc), "`ciuic status` shows what runs; `ciuic down` stops it") from None
     out.print(

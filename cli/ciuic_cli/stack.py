@@ -119,9 +119,16 @@ class Stack:
             S3Server(data_dir=data / "s3", port=s.s3_port, host=s.host),
         ]  # fmt: skip
         assert [x.component for x in servers] == [i.name for i in INFRASTRUCTURE]
+        # What clients use: for PostgreSQL, the platform's database rather than the server's.
+        addresses = {"postgres": self.platform_environment()["CIUIC_DATABASE_URL"]}
         components = [
             Component(
-                x.component, "server", x.url, [p.number for p in x.ports()], x.stop_timeout, x
+                x.component,
+                "server",
+                addresses.get(x.component, x.url),
+                [p.number for p in x.ports()],
+                x.stop_timeout,
+                x,
             )
             for x in servers
         ]

@@ -297,6 +297,8 @@ class _PullConsumer:
             deliver_policy=DeliverPolicy.NEW if deliver_new_only else DeliverPolicy.ALL,
         )
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._fetching = False
         self._slots = asyncio.Semaphore(self.concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
 
@@ -307,10 +309,12 @@ class _PullConsumer:
         self._task = asyncio.create_task(self._loop(sub), name=f"consumer:{self.durable}")
 
     async def stop(self) -> None:
-        """Stop fetching; let handlers in flight finish."""
+        """Stop fetching; let handlers in flight finish and hand back what was only prefetched."""
         if self._task is None:
             return
-        self._task.cancel()
+        self._stopping = True
+        if self._fetching:
+            self._task.cancel()  # waiting on the server: nothing of ours is interrupted
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
@@ -319,29 +323,41 @@ class _PullConsumer:
 
     async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
         try:
-            while True:
+            while not self._stopping:
                 try:
+                    self._fetching = True
                     messages = await sub.fetch(self.batch, timeout=5.0)
                 except nats.errors.TimeoutError:
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
                     await asyncio.sleep(1.0)  # NATS is restarting; the client reconnects
                     continue
-                fetched = time.monotonic()
-                for msg in messages:
-                    if time.monotonic() - fetched > self.retry.ack_wait / 3:
-                        # Prefetched but not yet started: keep JetStream from redelivering it.
-                        await msg.in_progress()
-                    if self.concurrency == 1:
-                        await self._handle(msg)
-                    else:
-                        await self._slots.acquire()
-                        task = asyncio.create_task(self._handle_in_slot(msg))
-                        self._inflight.add(task)
-                        task.add_done_callback(self._inflight.discard)
+                finally:
+                    self._fetching = False
+                await self._dispatch(messages)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _dispatch(self, messages: list[Msg]) -> None:
+        fetched = time.monotonic()
+        for i, msg in enumerate(messages):
+            if self._stopping:
+                # Draining: give the rest back now, so another replica need not wait ack_wait.
+                for rest in messages[i:]:
+                    with contextlib.suppress(Exception):
+                        await rest.nak()
+                return
+            if time.monotonic() - fetched > self.retry.ack_wait / 3:
+                # Prefetched but not yet started: keep JetStream from redelivering it.
+                await msg.in_progress()
+            if self.concurrency == 1:
+                await self._handle(msg)
+            else:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle_in_slot(msg))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
 
     async def _handle_in_slot(self, msg: Msg) -> None:
         try:
