@@ -17,14 +17,6 @@ from ciuic_cli.stack import ComponentStatus, Stack, StackError
 STATE_STYLE = {"healthy": "green", "starting": "yellow", "unhealthy": "red", "stopped": "dim"}
 
 
-def fail(message: str, hint: str | None = None) -> typer.Exit:
-    """Print an error (and a hint) on stderr; return the exit to raise."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    if hint:
-        err.print(f"[dim]hint: {hint}[/]", highlight=False)
-    return typer.Exit(1)
-
-
 def _progress_table(states: dict[str, str], started: float) -> Table:
     table = Table(title=f"ciuic up  ({time.monotonic() - started:.0f}s)", title_justify="left")
     table.add_column("component")
