@@ -65,6 +65,8 @@ class StackSettings(CiuicSettings):
     grpc_port_base: int = SERVICES[0].grpc_port
     #: Their Prometheus metrics ports likewise.
     metrics_port_base: int = SERVICES[0].metrics_port
+    #: Where git hosts deliver webhooks (the trigger's HTTP port).
+    webhook_port: int = 8080
     database: str = Field(default="ciuic", pattern=r"^[a-z_][a-z0-9_]*$")
     host: str = "127.0.0.1"
     #: Seconds a service may take to drain after SIGTERM before it is killed.
@@ -139,7 +141,7 @@ class Stack:
                     info.name,
                     "service",
                     f"{s.host}:{grpc_port}",
-                    [grpc_port, metrics_port],
+                    [grpc_port, metrics_port, *self._extra_ports(info)],
                     s.shutdown_grace + 5,
                     info=info,
                     env=self.service_environment(info),
@@ -165,10 +167,20 @@ class Stack:
         index = SERVICES.index(info)
         return self.settings.grpc_port_base + index, self.settings.metrics_port_base + index
 
+    def _extra_ports(self, info: ServiceInfo) -> list[int]:
+        return [self.settings.webhook_port] if info.name == "trigger" else []
+
     def service_environment(self, info: ServiceInfo) -> dict[str, str]:
         """The settings of one service process."""
         grpc_port, metrics_port = self.service_ports(info)
+        extra = {}
+        if info.name == "trigger":
+            extra = {
+                "CIUIC_WEBHOOK_HOST": self.settings.host,
+                "CIUIC_WEBHOOK_PORT": str(self.settings.webhook_port),
+            }
         return {
+            **extra,
             **self.platform_environment(),
             "CIUIC_GRPC_HOST": self.settings.host,
             "CIUIC_GRPC_PORT": str(grpc_port),
@@ -406,7 +418,8 @@ def _script(c: Component) -> Path | None:
 def _port_setting(c: Component, port: int) -> str:
     """The setting that moves `port` elsewhere."""
     if c.kind == "service":
-        return "CIUIC_GRPC_PORT_BASE" if port == c.ports[0] else "CIUIC_METRICS_PORT_BASE"
+        names = ["CIUIC_GRPC_PORT_BASE", "CIUIC_METRICS_PORT_BASE", "CIUIC_WEBHOOK_PORT"]
+        return names[min(c.ports.index(port), 2)]
     if c.name == "nats" and port != c.ports[0]:
         return "CIUIC_NATS_MONITOR_PORT"
     if c.name == "s3" and port != c.ports[0]:

@@ -53,6 +53,7 @@ def stack_env() -> Iterator[dict[str, str]]:
         "CIUIC_S3_PORT": str(free_s3_port()),
         "CIUIC_GRPC_PORT_BASE": str(free_block(len(SERVICES))),
         "CIUIC_METRICS_PORT_BASE": str(free_block(len(SERVICES))),
+        "CIUIC_WEBHOOK_PORT": str(free_block(1)),
     }
     yield env
     subprocess.run([CIUIC, "down"], env=env, capture_output=True, timeout=180)

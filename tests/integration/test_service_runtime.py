@@ -63,6 +63,7 @@ def services(
                     **platform_env,
                     "CIUIC_GRPC_PORT": str(grpc_port),
                     "CIUIC_METRICS_PORT": str(metrics_port),
+                    "CIUIC_WEBHOOK_PORT": str(free_port()),
                     "CIUIC_HOME": str(logs),
                 },
                 stdout=out,

@@ -22,15 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from ciuic_common.proto import common_pb2 as ciuic_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63iuic/v1/trigger.proto\x12\x08\x63iuic.v12\x10\n\x0eTriggerServiceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63iuic/v1/trigger.proto\x12\x08\x63iuic.v1\x1a\x15\x63iuic/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\nRepository\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeliveries\x18\x05 \x01(\x03\x12\x34\n\x10last_delivery_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x14\x41\x64\x64RepositoryRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"\x19\n\x17ListRepositoriesRequest\"F\n\x18ListRepositoriesResponse\x12*\n\x0crepositories\x18\x01 \x03(\x0b\x32\x14.ciuic.v1.Repository\"&\n\x17RemoveRepositoryRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x1a\n\x18RemoveRepositoryResponse\"J\n\x11TriggerRunRequest\x12\x12\n\nrepository\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"\xf8\x02\n\x08\x44\x65livery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x03 \x01(\t\x12\x12\n\nrepository\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\x12\x0b\n\x03ref\x18\x06 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x07 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\t\x12\x0e\n\x06pusher\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x15\n\rchanged_files\x18\x0c \x03(\t\x12%\n\x06\x65rrors\x18\r \x03(\x0b\x32\x15.ciuic.v1.ErrorDetail\x12\x19\n\x11pipeline_event_id\x18\x0e \x01(\t\x12/\n\x0breceived_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x15ListDeliveriesRequest\x12#\n\x04page\x18\x01 \x01(\x0b\x32\x15.ciuic.v1.PageRequest\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"f\n\x16ListDeliveriesResponse\x12&\n\ndeliveries\x18\x01 \x03(\x0b\x32\x12.ciuic.v1.Delivery\x12$\n\x04page\x18\x02 \x01(\x0b\x32\x16.ciuic.v1.PageResponse\" \n\x12GetDeliveryRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xe2\x03\n\x0eTriggerService\x12\x45\n\rAddRepository\x12\x1e.ciuic.v1.AddRepositoryRequest\x1a\x14.ciuic.v1.Repository\x12Y\n\x10ListRepositories\x12!.ciuic.v1.ListRepositoriesRequest\x1a\".ciuic.v1.ListRepositoriesResponse\x12Y\n\x10RemoveRepository\x12!.ciuic.v1.RemoveRepositoryRequest\x1a\".ciuic.v1.RemoveRepositoryResponse\x12=\n\nTriggerRun\x12\x1b.ciuic.v1.TriggerRunRequest\x1a\x12.ciuic.v1.Delivery\x12S\n\x0eListDeliveries\x12\x1f.ciuic.v1.ListDeliveriesRequest\x1a .ciuic.v1.ListDeliveriesResponse\x12?\n\x0bGetDelivery\x12\x1c.ciuic.v1.GetDeliveryRequest\x1a\x12.ciuic.v1.Deliveryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ciuic_common.proto.trigger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRIGGERSERVICE']._serialized_start=36
-  _globals['_TRIGGERSERVICE']._serialized_end=52
+  _globals['_REPOSITORY']._serialized_start=93
+  _globals['_REPOSITORY']._serialized_end=265
+  _globals['_ADDREPOSITORYREQUEST']._serialized_start=267
+  _globals['_ADDREPOSITORYREQUEST']._serialized_end=335
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_start=337
+  _globals['_LISTREPOSITORIESREQUEST']._serialized_end=362
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_start=364
+  _globals['_LISTREPOSITORIESRESPONSE']._serialized_end=434
+  _globals['_REMOVEREPOSITORYREQUEST']._serialized_start=436
+  _globals['_REMOVEREPOSITORYREQUEST']._serialized_end=474
+  _globals['_REMOVEREPOSITORYRESPONSE']._serialized_start=476
+  _globals['_REMOVEREPOSITORYRESPONSE']._serialized_end=502
+  _globals['_TRIGGERRUNREQUEST']._serialized_start=504
+  _globals['_TRIGGERRUNREQUEST']._serialized_end=578
+  _globals['_DELIVERY']._serialized_start=581
+  _globals['_DELIVERY']._serialized_end=957
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=959
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=1055
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=1057
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=1159
+  _globals['_GETDELIVERYREQUEST']._serialized_start=1161
+  _globals['_GETDELIVERYREQUEST']._serialized_end=1193
+  _globals['_TRIGGERSERVICE']._serialized_start=1196
+  _globals['_TRIGGERSERVICE']._serialized_end=1678
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from ciuic_common.proto import trigger_pb2 as ciuic_dot_v1_dot_trigger__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -25,12 +26,11 @@ if _version_not_supported:
 
 
 class TriggerServiceStub:
-    """Webhook intake (GitHub, GitLab, Gitea) over HTTP. It owns the `trigger` schema: deliveries and
-    repositories. Over gRPC it will let a person trigger a pipeline run by hand and list webhook
-    deliveries with their outcome (accepted, duplicate, filtered out, or rejected with the exact
-    errors in the pipeline file).
+    """Webhook intake (GitHub, GitLab, Gitea) over HTTP, and pipeline runs asked for by hand. It owns
+    the `trigger` schema: registered repositories and every delivery with what it became (a
+    requested pipeline run, a skip with its reason, or a rejection with the errors in the file).
 
-    Default port 50051. RPCs are added by the issues that implement them.
+    Default port 50051.
     """
 
     def __init__(self, channel):
@@ -39,20 +39,120 @@ class TriggerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.AddRepository = channel.unary_unary(
+                '/ciuic.v1.TriggerService/AddRepository',
+                request_serializer=ciuic_dot_v1_dot_trigger__pb2.AddRepositoryRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_trigger__pb2.Repository.FromString,
+                _registered_method=True)
+        self.ListRepositories = channel.unary_unary(
+                '/ciuic.v1.TriggerService/ListRepositories',
+                request_serializer=ciuic_dot_v1_dot_trigger__pb2.ListRepositoriesRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_trigger__pb2.ListRepositoriesResponse.FromString,
+                _registered_method=True)
+        self.RemoveRepository = channel.unary_unary(
+                '/ciuic.v1.TriggerService/RemoveRepository',
+                request_serializer=ciuic_dot_v1_dot_trigger__pb2.RemoveRepositoryRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_trigger__pb2.RemoveRepositoryResponse.FromString,
+                _registered_method=True)
+        self.TriggerRun = channel.unary_unary(
+                '/ciuic.v1.TriggerService/TriggerRun',
+                request_serializer=ciuic_dot_v1_dot_trigger__pb2.TriggerRunRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_trigger__pb2.Delivery.FromString,
+                _registered_method=True)
+        self.ListDeliveries = channel.unary_unary(
+                '/ciuic.v1.TriggerService/ListDeliveries',
+                request_serializer=ciuic_dot_v1_dot_trigger__pb2.ListDeliveriesRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_trigger__pb2.ListDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.GetDelivery = channel.unary_unary(
+                '/ciuic.v1.TriggerService/GetDelivery',
+                request_serializer=ciuic_dot_v1_dot_trigger__pb2.GetDeliveryRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_trigger__pb2.Delivery.FromString,
+                _registered_method=True)
 
 
 class TriggerServiceServicer:
-    """Webhook intake (GitHub, GitLab, Gitea) over HTTP. It owns the `trigger` schema: deliveries and
-    repositories. Over gRPC it will let a person trigger a pipeline run by hand and list webhook
-    deliveries with their outcome (accepted, duplicate, filtered out, or rejected with the exact
-    errors in the pipeline file).
+    """Webhook intake (GitHub, GitLab, Gitea) over HTTP, and pipeline runs asked for by hand. It owns
+    the `trigger` schema: registered repositories and every delivery with what it became (a
+    requested pipeline run, a skip with its reason, or a rejection with the errors in the file).
 
-    Default port 50051. RPCs are added by the issues that implement them.
+    Default port 50051.
     """
+
+    def AddRepository(self, request, context):
+        """Register a repository and the secret its webhooks are signed with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRepositories(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveRepository(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerRun(self, request, context):
+        """Start a pipeline run by hand at a ref or commit of a registered repository. Branch and path
+        filters do not apply; the pipeline file is read and validated as for a push. Answers once
+        the run is requested or rejected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeliveries(self, request, context):
+        """What arrived, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDelivery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_TriggerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'AddRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRepository,
+                    request_deserializer=ciuic_dot_v1_dot_trigger__pb2.AddRepositoryRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_trigger__pb2.Repository.SerializeToString,
+            ),
+            'ListRepositories': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRepositories,
+                    request_deserializer=ciuic_dot_v1_dot_trigger__pb2.ListRepositoriesRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_trigger__pb2.ListRepositoriesResponse.SerializeToString,
+            ),
+            'RemoveRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveRepository,
+                    request_deserializer=ciuic_dot_v1_dot_trigger__pb2.RemoveRepositoryRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_trigger__pb2.RemoveRepositoryResponse.SerializeToString,
+            ),
+            'TriggerRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerRun,
+                    request_deserializer=ciuic_dot_v1_dot_trigger__pb2.TriggerRunRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_trigger__pb2.Delivery.SerializeToString,
+            ),
+            'ListDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeliveries,
+                    request_deserializer=ciuic_dot_v1_dot_trigger__pb2.ListDeliveriesRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_trigger__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+            'GetDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDelivery,
+                    request_deserializer=ciuic_dot_v1_dot_trigger__pb2.GetDeliveryRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_trigger__pb2.Delivery.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ciuic.v1.TriggerService', rpc_method_handlers)
@@ -62,10 +162,171 @@ def add_TriggerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TriggerService:
-    """Webhook intake (GitHub, GitLab, Gitea) over HTTP. It owns the `trigger` schema: deliveries and
-    repositories. Over gRPC it will let a person trigger a pipeline run by hand and list webhook
-    deliveries with their outcome (accepted, duplicate, filtered out, or rejected with the exact
-    errors in the pipeline file).
+    """Webhook intake (GitHub, GitLab, Gitea) over HTTP, and pipeline runs asked for by hand. It owns
+    the `trigger` schema: registered repositories and every delivery with what it became (a
+    requested pipeline run, a skip with its reason, or a rejection with the errors in the file).
 
-    Default port 50051. RPCs are added by the issues that implement them.
+    Default port 50051.
     """
+
+    @staticmethod
+    def AddRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.TriggerService/AddRepository',
+            ciuic_dot_v1_dot_trigger__pb2.AddRepositoryRequest.SerializeToString,
+            ciuic_dot_v1_dot_trigger__pb2.Repository.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRepositories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.TriggerService/ListRepositories',
+            ciuic_dot_v1_dot_trigger__pb2.ListRepositoriesRequest.SerializeToString,
+            ciuic_dot_v1_dot_trigger__pb2.ListRepositoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.TriggerService/RemoveRepository',
+            ciuic_dot_v1_dot_trigger__pb2.RemoveRepositoryRequest.SerializeToString,
+            ciuic_dot_v1_dot_trigger__pb2.RemoveRepositoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.TriggerService/TriggerRun',
+            ciuic_dot_v1_dot_trigger__pb2.TriggerRunRequest.SerializeToString,
+            ciuic_dot_v1_dot_trigger__pb2.Delivery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.TriggerService/ListDeliveries',
+            ciuic_dot_v1_dot_trigger__pb2.ListDeliveriesRequest.SerializeToString,
+            ciuic_dot_v1_dot_trigger__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.TriggerService/GetDelivery',
+            ciuic_dot_v1_dot_trigger__pb2.GetDeliveryRequest.SerializeToString,
+            ciuic_dot_v1_dot_trigger__pb2.Delivery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

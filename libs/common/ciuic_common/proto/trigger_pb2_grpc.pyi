@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from ciuic_common.proto import trigger_pb2 as _trigger_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -26,40 +27,107 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TriggerServiceStub:
-    """Webhook intake (GitHub, GitLab, Gitea) over HTTP. It owns the `trigger` schema: deliveries and
-    repositories. Over gRPC it will let a person trigger a pipeline run by hand and list webhook
-    deliveries with their outcome (accepted, duplicate, filtered out, or rejected with the exact
-    errors in the pipeline file).
+    """Webhook intake (GitHub, GitLab, Gitea) over HTTP, and pipeline runs asked for by hand. It owns
+    the `trigger` schema: registered repositories and every delivery with what it became (a
+    requested pipeline run, a skip with its reason, or a rejection with the errors in the file).
 
-    Default port 50051. RPCs are added by the issues that implement them.
+    Default port 50051.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TriggerServiceAsyncStub: ...
+    AddRepository: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.AddRepositoryRequest, _trigger_pb2.Repository]
+    """Register a repository and the secret its webhooks are signed with."""
+    ListRepositories: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.ListRepositoriesRequest, _trigger_pb2.ListRepositoriesResponse]
+    RemoveRepository: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.RemoveRepositoryRequest, _trigger_pb2.RemoveRepositoryResponse]
+    TriggerRun: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.TriggerRunRequest, _trigger_pb2.Delivery]
+    """Start a pipeline run by hand at a ref or commit of a registered repository. Branch and path
+    filters do not apply; the pipeline file is read and validated as for a push. Answers once
+    the run is requested or rejected.
+    """
+    ListDeliveries: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.ListDeliveriesRequest, _trigger_pb2.ListDeliveriesResponse]
+    """What arrived, newest first."""
+    GetDelivery: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.GetDeliveryRequest, _trigger_pb2.Delivery]
 
 @_typing.type_check_only
 class TriggerServiceAsyncStub(TriggerServiceStub):
-    """Webhook intake (GitHub, GitLab, Gitea) over HTTP. It owns the `trigger` schema: deliveries and
-    repositories. Over gRPC it will let a person trigger a pipeline run by hand and list webhook
-    deliveries with their outcome (accepted, duplicate, filtered out, or rejected with the exact
-    errors in the pipeline file).
+    """Webhook intake (GitHub, GitLab, Gitea) over HTTP, and pipeline runs asked for by hand. It owns
+    the `trigger` schema: registered repositories and every delivery with what it became (a
+    requested pipeline run, a skip with its reason, or a rejection with the errors in the file).
 
-    Default port 50051. RPCs are added by the issues that implement them.
+    Default port 50051.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    AddRepository: _aio.UnaryUnaryMultiCallable[_trigger_pb2.AddRepositoryRequest, _trigger_pb2.Repository]  # type: ignore[assignment]
+    """Register a repository and the secret its webhooks are signed with."""
+    ListRepositories: _aio.UnaryUnaryMultiCallable[_trigger_pb2.ListRepositoriesRequest, _trigger_pb2.ListRepositoriesResponse]  # type: ignore[assignment]
+    RemoveRepository: _aio.UnaryUnaryMultiCallable[_trigger_pb2.RemoveRepositoryRequest, _trigger_pb2.RemoveRepositoryResponse]  # type: ignore[assignment]
+    TriggerRun: _aio.UnaryUnaryMultiCallable[_trigger_pb2.TriggerRunRequest, _trigger_pb2.Delivery]  # type: ignore[assignment]
+    """Start a pipeline run by hand at a ref or commit of a registered repository. Branch and path
+    filters do not apply; the pipeline file is read and validated as for a push. Answers once
+    the run is requested or rejected.
+    """
+    ListDeliveries: _aio.UnaryUnaryMultiCallable[_trigger_pb2.ListDeliveriesRequest, _trigger_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
+    """What arrived, newest first."""
+    GetDelivery: _aio.UnaryUnaryMultiCallable[_trigger_pb2.GetDeliveryRequest, _trigger_pb2.Delivery]  # type: ignore[assignment]
 
 class TriggerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Webhook intake (GitHub, GitLab, Gitea) over HTTP. It owns the `trigger` schema: deliveries and
-    repositories. Over gRPC it will let a person trigger a pipeline run by hand and list webhook
-    deliveries with their outcome (accepted, duplicate, filtered out, or rejected with the exact
-    errors in the pipeline file).
+    """Webhook intake (GitHub, GitLab, Gitea) over HTTP, and pipeline runs asked for by hand. It owns
+    the `trigger` schema: registered repositories and every delivery with what it became (a
+    requested pipeline run, a skip with its reason, or a rejection with the errors in the file).
 
-    Default port 50051. RPCs are added by the issues that implement them.
+    Default port 50051.
     """
 
-    ...
+    @_abc_1.abstractmethod
+    def AddRepository(
+        self,
+        request: _trigger_pb2.AddRepositoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.Repository, _abc.Awaitable[_trigger_pb2.Repository]]:
+        """Register a repository and the secret its webhooks are signed with."""
+
+    @_abc_1.abstractmethod
+    def ListRepositories(
+        self,
+        request: _trigger_pb2.ListRepositoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.ListRepositoriesResponse, _abc.Awaitable[_trigger_pb2.ListRepositoriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveRepository(
+        self,
+        request: _trigger_pb2.RemoveRepositoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.RemoveRepositoryResponse, _abc.Awaitable[_trigger_pb2.RemoveRepositoryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TriggerRun(
+        self,
+        request: _trigger_pb2.TriggerRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.Delivery, _abc.Awaitable[_trigger_pb2.Delivery]]:
+        """Start a pipeline run by hand at a ref or commit of a registered repository. Branch and path
+        filters do not apply; the pipeline file is read and validated as for a push. Answers once
+        the run is requested or rejected.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeliveries(
+        self,
+        request: _trigger_pb2.ListDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.ListDeliveriesResponse, _abc.Awaitable[_trigger_pb2.ListDeliveriesResponse]]:
+        """What arrived, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetDelivery(
+        self,
+        request: _trigger_pb2.GetDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.Delivery, _abc.Awaitable[_trigger_pb2.Delivery]]: ...
 
 def add_TriggerServiceServicer_to_server(servicer: TriggerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
