@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ciuic_cli.clients import ApiError, call
 from ciuic_cli.console import app, fail, out
+from ciuic_cli.stack import StackSettings
 from ciuic_common.proto import common_pb2, trigger_pb2, trigger_pb2_grpc
 
 repos_app = typer.Typer(help="Repositories whose pushes start pipelines.", no_args_is_help=True)
@@ -72,7 +73,9 @@ def repos_add(
         _dump(repo)
         return
     out.print(f"registered [bold]{repo.url}[/] (matches webhooks for {repo.key})")
-    out.print("[dim]point its webhook at http://<this host>:8080/webhooks/{github,gitlab,gitea}[/]")
+    port = StackSettings().webhook_port
+    hooks = f"http://<this host>:{port}/webhooks/{{github,gitlab,gitea}}"
+    out.print(f"[dim]point its webhook at {hooks}[/]")
 
 
 @repos_app.command("ls")

@@ -131,3 +131,75 @@ def test_logs_of_an_unknown_component_lists_the_known_ones(stack_env: dict[str, 
     assert proc.returncode == 1
     assert "no component 'nope'" in proc.stderr
     assert "scheduler" in proc.stderr
+
+
+def test_a_signed_push_becomes_a_requested_run_seen_through_the_cli(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    import urllib.request
+    import uuid
+
+    from ciuic_trigger.webhooks import sign_github
+
+    seed = Path(__file__).resolve().parents[3] / "shared" / "seed" / "seed-pipeline.yaml"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=repo, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+
+    git("init", "-q", "-b", "main")
+    (repo / ".ciuicci.yaml").write_text(seed.read_text())
+    (repo / "deepseek").mkdir()
+    (repo / "deepseek" / "model.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "init")
+    before = git("rev-parse", "HEAD")
+    (repo / "deepseek" / "model.py").write_text("x = 2\n")
+    git("commit", "-qam", "change the model")
+    after = git("rev-parse", "HEAD")
+
+    ciuic(stack_env, "up")
+    env = {**stack_env, "DEMO_SECRET": "shh"}
+    ciuic(env, "repos", "add", str(repo), "--secret-env", "DEMO_SECRET")
+    listed = json.loads(ciuic(env, "repos", "ls", "--json").stdout)
+    assert [r["url"] for r in listed["repositories"]] == [repo.as_uri()]
+
+    body = json.dumps(
+        {
+            "ref": "refs/heads/main", "before": before, "after": after,
+            "repository": {"clone_url": repo.as_uri()}, "pusher": {"name": "alice"},
+            "commits": [{"id": after, "added": [], "modified": ["deepseek/model.py"],
+                         "removed": []}],
+        }
+    ).encode()  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack_env['CIUIC_WEBHOOK_PORT']}/webhooks/github",
+        data=body,
+        headers={
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": sign_github("shh", body),
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+        delivery = json.loads(response.read())["delivery"]
+
+    for _ in range(100):
+        shown = json.loads(ciuic(env, "deliveries", "show", delivery[:8], "--json").stdout)
+        if shown["status"] != "received":
+            break
+    assert shown["status"] == "requested", shown
+    assert shown["commit"] == after
+
+    by_hand = ciuic(env, "run", "--repo", str(repo), "--ref", "main")
+    assert "requested" in by_hand.stdout
+    assert "requested" in ciuic(env, "deliveries", "ls").stdout
+    listed = json.loads(ciuic(env, "deliveries", "ls", "--json").stdout)["deliveries"]
+    assert [d["status"] for d in listed] == ["requested", "requested"]
+    assert [d["provider"] for d in listed] == ["manual", "github"]

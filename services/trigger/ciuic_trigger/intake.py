@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ciuic_common.db import Connection, Database
-from ciuic_common.errors import CiuicError, NotFound, Unavailable
+from ciuic_common.errors import NotFound, Unavailable
 from ciuic_common.events import Event, PipelineRejected, PipelineRequested, SpecIssue
 from ciuic_common.globs import branch_matches, select_paths
 from ciuic_common.logging import get_logger
@@ -95,7 +95,8 @@ async def decide(delivery: store.Delivery, url: str, mirrors: Mirrors, *, manual
         changed = await mirrors.changed_files(mirror, delivery.before_sha, commit)
 
     try:
-        pipeline = load_pipeline(raw, filename=PIPELINE_FILE)
+        # CPU-bound (YAML, validation): off the event loop, which keeps answering webhooks.
+        pipeline = await asyncio.to_thread(load_pipeline, raw, filename=PIPELINE_FILE)
     except PipelineSpecError as exc:
         rejected = PipelineRejected(
             event_id=event_id(delivery, "rejected"),
@@ -147,6 +148,10 @@ async def settle(
             log.warning("intake_retry_later", delivery=str(delivery.id), error=str(exc))
             return None
         outcome = Outcome("failed", str(exc))
+    except Exception as exc:
+        # A bug of ours must not retry forever nor lose the delivery: record it, loudly.
+        log.exception("intake_crashed", delivery=str(delivery.id))
+        outcome = Outcome("failed", f"internal error while reading the push: {exc!r}")
     if outcome.event is not None:
         await outbox.add(tx, outcome.event)
     finished = await store.finish_delivery(
@@ -196,7 +201,8 @@ class IntakeWorkers:
         while True:
             try:
                 busy = await self.settle_one()
-            except (OSError, CiuicError) as exc:
+            except Exception as exc:
+                # PostgreSQL away for a moment, say: the delivery stays `received`; try again.
                 log.warning("intake_failed", error=repr(exc))
                 busy = False
             if not busy:
