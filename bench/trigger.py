@@ -38,7 +38,7 @@ from ciuic_trigger.service import TriggerSettings, build
 from ciuic_trigger.webhooks import sign_github
 
 SECRET = "bench-secret"
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "seed-pipeline.yaml"
+SEED = Path(__file__).resolve().parents[1] / "examples" / "seed" / ".ciuicci.yaml"
 GITHUB_ACTIONS_START_MS = 5000.0  # hosted runners start about 5 s after a push (median)
 TARGET_P99_MS = 250.0
 

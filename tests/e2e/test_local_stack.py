@@ -141,7 +141,7 @@ def test_a_signed_push_becomes_a_requested_run_seen_through_the_cli(
 
     from ciuic_trigger.webhooks import sign_github
 
-    seed = Path(__file__).resolve().parents[3] / "shared" / "seed" / "seed-pipeline.yaml"
+    seed = Path(__file__).resolve().parents[2] / "examples" / "seed" / ".ciuicci.yaml"
     repo = tmp_path / "repo"
     repo.mkdir()
 

@@ -27,7 +27,7 @@ from ciuic_trigger.webhooks import sign_gitea, sign_github
 pytestmark = [pytest.mark.nats, pytest.mark.postgres]
 
 SECRET = "it's-a-secret-to-everybody"
-SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "seed-pipeline.yaml"
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed" / ".ciuicci.yaml"
 
 
 def git(repo: Path, *args: str) -> str:

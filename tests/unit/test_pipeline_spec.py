@@ -1164,3 +1164,8 @@ def test_a_size_that_is_not_one_is_refused(text: str) -> None:
 @given(st.integers(min_value=1, max_value=2**60))
 def test_every_size_is_written_so_that_it_reads_back(size: int) -> None:
     assert parse_byte_size(format_byte_size(size)) == size
+
+
+def test_the_example_seed_pipeline_is_the_seed_verbatim() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "seed" / ".ciuicci.yaml"
+    assert example.read_text() == SEED
