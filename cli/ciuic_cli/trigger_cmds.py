@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from google.protobuf.json_format import MessageToDict
+from rich.markup import escape
 from rich.table import Table
 
 from ciuic_cli.clients import ApiError, call
@@ -107,12 +108,12 @@ def repos_rm(
 def _print_errors(d: Any) -> None:
     for e in d.errors:
         location = f".ciuicci.yaml:{e.line or '?'}:{e.column or '?'}"
-        out.print(f"  {location}: {e.field_path}: {e.message}", highlight=False)
+        out.print(f"  {location}: {escape(e.field_path)}: {escape(e.message)}", highlight=False)
 
 
 def _print_delivery(d: Any) -> None:
     style = STATUS_STYLE.get(d.status, "")
-    out.print(f"[bold]{d.id}[/]  [{style}]{d.status}[/]  {d.reason}", highlight=False)
+    out.print(f"[bold]{d.id}[/]  [{style}]{d.status}[/]  {escape(d.reason)}", highlight=False)
     table = Table.grid(padding=(0, 2))
     rows = [
         ("repository", d.repository),
@@ -129,7 +130,7 @@ def _print_delivery(d: Any) -> None:
         ),
     ]
     for key, value in rows:
-        table.add_row(f"[dim]{key}[/]", value)
+        table.add_row(f"[dim]{key}[/]", escape(value))
     out.print(table)
     _print_errors(d)
 
@@ -183,7 +184,7 @@ def deliveries_ls(
         style = STATUS_STYLE.get(d.status, "")
         table.add_row(
             d.id[:8], _when(d.received_at), d.provider, d.ref.removeprefix("refs/heads/"),
-            d.commit[:10], f"[{style}]{d.status}[/]", d.reason,
+            d.commit[:10], f"[{style}]{d.status}[/]", escape(d.reason),
         )  # fmt: skip
     out.print(table)
 

@@ -63,8 +63,8 @@ def test_two_processes_migrating_at_once_end_with_one_consistent_schema(
     ]
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
-    # common's outbox migration + our three, applied once in all, by whichever came first
-    assert sorted(int(out.split()[-1]) for out, _ in results) == [0, 4]
+    # common's two outbox migrations + our three, applied once in all, by whichever came first
+    assert sorted(int(out.split()[-1]) for out, _ in results) == [0, 5]
 
     async def inspect() -> tuple[list[str], list[tuple[str, int]]]:
         conn = await asyncpg.connect(database_url)
@@ -84,7 +84,7 @@ def test_two_processes_migrating_at_once_end_with_one_consistent_schema(
 
     columns, applied = asyncio.run(inspect())
     assert columns == ["id", "state", "started_at"]
-    assert applied == [("common", 1), ("sched", 1), ("sched", 2), ("sched", 3)]
+    assert applied == [("common", 1), ("common", 2), ("sched", 1), ("sched", 2), ("sched", 3)]
 
 
 async def test_a_changed_applied_migration_is_refused(database_url: str, tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ async def test_a_changed_applied_migration_is_refused(database_url: str, tmp_pat
     db = Database(database_url, "svc")
     await db.connect()
     try:
-        assert len(await db.migrate(("svc", directory))) == 2
+        assert len(await db.migrate(("svc", directory))) == 3
         assert await db.migrate(("svc", directory)) == [], "a second start applies nothing"
         write(directory, {"001_init.sql": "CREATE TABLE t (id bigint);"})
         with pytest.raises(MigrationError, match="forward-only"):
@@ -122,7 +122,9 @@ async def test_a_failing_migration_leaves_nothing_half_applied(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'svc'"
             )
         }
-        assert tables == {"schema_migrations", "outbox", "a"}, "b was rolled back with its file"
+        assert tables == {"schema_migrations", "outbox", "outbox_failed", "a"}, (
+            "b was rolled back with its file"
+        )
     finally:
         await db.close()
 

@@ -181,3 +181,27 @@ async def test_relay_publishes_committed_events_as_they_commit(
         await asyncio.gather(relay, return_exceptions=True)
         await bus.close()
         await db.close()
+
+
+async def test_an_event_nats_cannot_take_is_parked_and_does_not_block_the_rest(
+    database_url: str, nats_url: str
+) -> None:
+    db = Database(database_url, SCHEMA)
+    await db.connect()
+    await db.migrate()
+    huge = RunFinished(run_id="huge", outcome="failed", reason="x" * (2 * 1024 * 1024))
+    after = RunFinished(run_id="after", outcome="succeeded")
+    async with db.transaction() as tx:
+        await Outbox(SCHEMA).add(tx, huge, after)
+    await db.close()
+
+    await relay_everything(database_url, nats_url)
+
+    messages = await received(nats_url, "ciuic.run.finished")
+    assert [RunFinished.from_bytes(m).run_id for m in messages] == ["after"]
+    db = Database(database_url, SCHEMA)
+    await db.connect()
+    parked = await db.fetch("SELECT event_id, error FROM svc.outbox_failed")
+    await db.close()
+    assert [r["event_id"] for r in parked] == [huge.event_id]
+    assert "MaxPayload" in parked[0]["error"]

@@ -348,3 +348,36 @@ async def test_a_run_by_hand_and_the_delivery_history(trigger: Trigger, repo: Re
     assert len(ids) == len(set(ids)) == 5
     shown = await trigger.stub.GetDelivery(trigger_pb2.GetDeliveryRequest(id=delivery.id[:8]))
     assert shown.id == delivery.id
+
+
+async def test_a_replayed_body_under_a_new_delivery_id_starts_nothing(
+    trigger: Trigger, repo: Repo
+) -> None:
+    before = repo.head()
+    after = repo.commit({"deepseek/model.py": "x = 7\n"})
+    payload = {
+        "ref": "refs/heads/main", "before": before, "after": after,
+        "repository": {"clone_url": repo.url}, "pusher": {"name": "mallory"},
+        "commits": [{"id": after, "added": [], "modified": ["deepseek/model.py"], "removed": []}],
+    }  # fmt: skip
+    body = json.dumps(payload).encode()
+    signed = {"X-GitHub-Event": "push", "X-Hub-Signature-256": sign_github(SECRET, body)}
+    first, _ = await trigger.post("github", payload, {**signed, "X-GitHub-Delivery": "one"})
+    replay, answer = await trigger.post("github", payload, {**signed, "X-GitHub-Delivery": "two"})
+    assert (first, replay, answer["status"]) == (202, 200, "duplicate")
+
+
+async def test_a_git_host_that_cannot_be_reached_is_retried_not_failed(
+    trigger: Trigger, repo: Repo, tmp_path: Path
+) -> None:
+    moved = tmp_path / "moved-away"
+    before = repo.head()
+    after = repo.commit({"deepseek/model.py": "x = 8\n"})
+    repo.path.rename(moved)  # the remote disappears, as during an outage
+    status, body = await trigger.github_push(
+        repo, before=before, after=after, files=["deepseek/model.py"]
+    )
+    assert status == 202
+    await asyncio.sleep(1.0)
+    waiting = await trigger.delivery(body["delivery"], settled=False)
+    assert waiting.status == "received", "kept for a later try, not failed"

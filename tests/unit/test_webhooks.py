@@ -168,13 +168,18 @@ def test_a_missing_delivery_id_is_a_payload_error() -> None:
         ("https://github.com/Org/Repo.git", "github.com/org/repo"),
         ("git@github.com:org/repo.git", "github.com/org/repo"),
         ("ssh://git@github.com:22/org/repo", "github.com/org/repo"),
-        ("https://user:token@github.com/org/repo/", "github.com/org/repo"),
+        ("https://bot@github.com/org/repo/", "github.com/org/repo"),
         ("file:///srv/git/repo", "file:/srv/git/repo"),
         ("/srv/git/repo/.git", "file:/srv/git/repo"),
     ],
 )
 def test_every_url_of_a_repository_has_the_same_key(url: str, key: str) -> None:
     assert repository_key(url) == key
+
+
+def test_credentials_in_a_repository_url_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="credential helper"):
+        fetch_url("https://user:token@github.com/org/repo.git")
 
 
 def test_a_local_path_is_fetched_through_a_file_url() -> None:

@@ -303,9 +303,7 @@ class _PullConsumer:
         self._inflight: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        js = self.bus.js
-        await js.add_consumer(self.stream, self.config)  # creates, or updates in place
-        sub = await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        sub = await self._bind()
         self._task = asyncio.create_task(self._loop(sub), name=f"consumer:{self.durable}")
 
     async def stop(self) -> None:
@@ -322,6 +320,7 @@ class _PullConsumer:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
+        pause = 0.5
         try:
             while not self._stopping:
                 try:
@@ -329,15 +328,27 @@ class _PullConsumer:
                     messages = await sub.fetch(self.batch, timeout=5.0)
                 except nats.errors.TimeoutError:
                     continue
-                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                    await asyncio.sleep(1.0)  # NATS is restarting; the client reconnects
+                except nats.errors.Error as exc:
+                    # NATS restarting, JetStream recovering (503), the consumer deleted (404):
+                    # say so, back off, and bind again; never stop consuming silently.
+                    log.warning("consumer_fetch_failed", consumer=self.durable, error=repr(exc))
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 15.0)
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        sub = await self._bind()
                     continue
                 finally:
                     self._fetching = False
+                pause = 0.5
                 await self._dispatch(messages)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _bind(self) -> JetStreamContext.PullSubscription:
+        js = self.bus.js
+        await js.add_consumer(self.stream, self.config)  # creates, or updates in place
+        return await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
 
     async def _dispatch(self, messages: list[Msg]) -> None:
         fetched = time.monotonic()
@@ -349,8 +360,11 @@ class _PullConsumer:
                         await rest.nak()
                 return
             if time.monotonic() - fetched > self.retry.ack_wait / 3:
-                # Prefetched but not yet started: keep JetStream from redelivering it.
-                await msg.in_progress()
+                # Prefetched but not yet started: keep JetStream from redelivering any of them.
+                for waiting in messages[i:]:
+                    with contextlib.suppress(Exception):
+                        await waiting.in_progress()
+                fetched = time.monotonic()
             if self.concurrency == 1:
                 await self._handle(msg)
             else:
@@ -358,6 +372,13 @@ class _PullConsumer:
                 task = asyncio.create_task(self._handle_in_slot(msg))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """While a handler runs, tell JetStream it is still at work so it is not redelivered."""
+        while True:
+            await asyncio.sleep(self.retry.ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
 
     async def _handle_in_slot(self, msg: Msg) -> None:
         try:
@@ -381,6 +402,7 @@ class _PullConsumer:
                 HANDLED.labels(name, consumer, "dead_letter").inc()
                 return
             started = time.perf_counter()
+            keepalive = asyncio.create_task(self._keep_alive(msg))
             try:
                 await self.handler(event)
             except Exception as exc:
@@ -400,6 +422,8 @@ class _PullConsumer:
                     await msg.nak(delay=retry.delay(delivered))
                     HANDLED.labels(name, consumer, "retry").inc()
                 return
+            finally:
+                keepalive.cancel()
             HANDLE_SECONDS.labels(name, consumer).observe(time.perf_counter() - started)
             await msg.ack()
             HANDLED.labels(name, consumer, "ok").inc()

@@ -6,7 +6,10 @@ publishes rows in order with `Nats-Msg-Id` = `event_id` and deletes them once Je
 acknowledged them. If the process dies after the commit, the row is still there and the next
 relay publishes it; if it dies after the publish but before the delete, the row is published
 again and JetStream drops the duplicate (same message id, inside the stream's duplicate window).
-Relays of several replicas share the table safely (`FOR UPDATE SKIP LOCKED`).
+Relays of several replicas share the table safely (`FOR UPDATE SKIP LOCKED`); each publishes
+its batches in order, but batches of different replicas may interleave. An event NATS can never
+accept (over its maximum payload) is moved to `outbox_failed` with the error, loudly, rather
+than block every event behind it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 from collections.abc import Sequence
 
 import asyncpg
+import nats.errors
 from prometheus_client import Counter, Gauge
 
 from ciuic_common.bus import Bus
@@ -98,7 +102,13 @@ class OutboxRelay:
                     self._wake.clear()
                     try:
                         await self.drain()
-                    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                    except (
+                        OSError,
+                        TimeoutError,
+                        asyncpg.PostgresError,
+                        asyncpg.InterfaceError,
+                        nats.errors.Error,
+                    ) as exc:
                         # NATS or PostgreSQL is away for a moment; rows stay and we try again.
                         log.warning("outbox_relay_failed", schema=self.schema, error=repr(exc))
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -119,10 +129,32 @@ class OutboxRelay:
                 PENDING.labels(self.schema).set(len(rows))
                 if not rows:
                     return total
-                await self._publish(rows)
+                try:
+                    await self._publish(rows)
+                except nats.errors.MaxPayloadError:
+                    await self._publish_one_by_one(conn, rows)
                 await conn.execute(self._delete, [r["event_id"] for r in rows])
             RELAYED.labels(self.schema).inc(len(rows))
             total += len(rows)
+
+    async def _publish_one_by_one(self, conn: Connection, rows: Sequence[asyncpg.Record]) -> None:
+        """Publish what can be; park an event NATS will never take, rather than block the rest."""
+        for row in rows:
+            try:
+                await self._publish([row])
+            except nats.errors.MaxPayloadError as exc:
+                log.error(
+                    "outbox_event_unpublishable", schema=self.schema, event_id=row["event_id"],
+                    event_name=row["event_name"], bytes=len(row["payload"]), error=repr(exc),
+                )  # fmt: skip
+                await conn.execute(
+                    f'INSERT INTO "{self.schema}".outbox_failed'
+                    " (event_id, event_name, subject, stream, payload, created_at, error)"
+                    " SELECT event_id, event_name, subject, stream, payload, created_at, $2"
+                    f' FROM "{self.schema}".outbox WHERE event_id = $1'
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    row["event_id"], repr(exc),
+                )  # fmt: skip
 
     async def _publish(self, rows: Sequence[asyncpg.Record]) -> None:
         # Pipelined: all publishes go out on the one connection in order, then we await the acks.

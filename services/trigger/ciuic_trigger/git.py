@@ -47,14 +47,23 @@ class Mirrors:
         try:
             out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise Unavailable(f"git {args[0]} took longer than {self.timeout:g}s") from None
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: leave no git behind
+                proc.kill()
+                await proc.wait()
         if check and proc.returncode != 0:
             raise GitError(
                 f"git {' '.join(args[:2])} failed: {err.decode(errors='replace').strip()}"
             )
         return out
+
+    async def _network(self, *args: str, cwd: Path | None = None) -> None:
+        """A clone or fetch: failing to reach the remote is worth retrying later."""
+        try:
+            await self._git(*args, cwd=cwd)
+        except GitError as exc:
+            raise Unavailable(str(exc)) from exc
 
     async def _has(self, mirror: Path, commit: str) -> bool:
         out = await self._git("cat-file", "-t", commit, cwd=mirror, check=False)
@@ -69,11 +78,11 @@ class Mirrors:
                 self.root.mkdir(parents=True, exist_ok=True)
                 partial = mirror.with_suffix(".partial")
                 shutil.rmtree(partial, ignore_errors=True)
-                await self._git("clone", "--mirror", "--quiet", url, str(partial))
+                await self._network("clone", "--mirror", "--quiet", url, str(partial))
                 partial.rename(mirror)
                 log.info("mirror_cloned", url=url)
             elif want is None or not await self._has(mirror, want):
-                await self._git("fetch", "--prune", "--quiet", "origin", cwd=mirror)
+                await self._network("fetch", "--prune", "--quiet", "origin", cwd=mirror)
             if want is not None and not await self._has(mirror, want):
                 raise NotFound(f"commit {want} is not in {url} (force-pushed away, or not pushed?)")
             return mirror

@@ -8,10 +8,12 @@ Errors have one JSON shape: `{"error": {"code": ..., "message": ...}}`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
@@ -50,6 +52,11 @@ def build_app(db: Database, wake: Callable[[], None], *, max_body: int) -> web.A
             log.error("webhook_too_slow", provider=provider)
             response = error(503, "busy", "try again later")
             response.headers["Retry-After"] = "10"
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The database is away: nothing was recorded, so the git host should send it again.
+            log.error("webhook_store_unavailable", provider=provider, error=repr(exc))
+            response = error(503, "unavailable", "cannot record the delivery now; try again")
+            response.headers["Retry-After"] = "30"
         WEBHOOKS.labels(provider, str(response.status)).inc()
         WEBHOOK_SECONDS.labels(provider).observe(time.perf_counter() - started)
         return response
@@ -105,6 +112,7 @@ def build_app(db: Database, wake: Callable[[], None], *, max_body: int) -> web.A
                 payload_files=push.changed_files,
                 status="received" if push.event == "push" else "skipped",
                 reason="" if push.event == "push" else f"{push.event} events do not start runs",
+                body_sha256=hashlib.sha256(body).hexdigest(),
             )
         if not created:
             log.info("webhook_duplicate", provider=provider, delivery_id=push.delivery_id)

@@ -31,6 +31,9 @@ log = get_logger(__name__)
 
 PIPELINE_FILE = ".ciuicci.yaml"
 MAX_PIPELINE_FILE = 1024 * 1024
+#: A new branch of a monorepo can "change" every file; the event carries at most this many
+#: (the delivery keeps them all), so it stays far below NATS's message size limit.
+MAX_EVENT_FILES = 1000
 #: Deliveries whose git host is unreachable are tried this often before they count as failed.
 MAX_ATTEMPTS = 5
 _EVENT_IDS = uuid.UUID("6f2c7a4e-0b1d-4c9e-9a51-3f0f8a2d6c11")
@@ -120,7 +123,7 @@ async def decide(delivery: store.Delivery, url: str, mirrors: Mirrors, *, manual
         commit=commit,
         ref=full_ref,
         spec=pipeline.model_dump(mode="json"),
-        changed_files=changed,
+        changed_files=changed[:MAX_EVENT_FILES],
         pusher=delivery.pusher or None,
         delivery_id=str(delivery.id),
     )
@@ -145,7 +148,11 @@ async def settle(
         outcome = await decide(delivery, url, mirrors, manual=manual)
     except Unavailable as exc:
         if delivery.attempts < MAX_ATTEMPTS and not manual:
-            log.warning("intake_retry_later", delivery=str(delivery.id), error=str(exc))
+            wait = min(300.0, 5.0 * 2.0**delivery.attempts)
+            log.warning(
+                "intake_retry_later", delivery=str(delivery.id), error=str(exc), seconds=wait
+            )
+            await store.retry_later(tx, delivery.id, wait)
             return None
         outcome = Outcome("failed", str(exc))
     except Exception as exc:
@@ -199,6 +206,8 @@ class IntakeWorkers:
 
     async def _work(self) -> None:
         while True:
+            # Cleared before looking, so a wake-up that lands while we look is not lost.
+            self._wake.clear()
             try:
                 busy = await self.settle_one()
             except Exception as exc:
@@ -206,7 +215,6 @@ class IntakeWorkers:
                 log.warning("intake_failed", error=repr(exc))
                 busy = False
             if not busy:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 2.0)
             else:
@@ -228,7 +236,5 @@ class IntakeWorkers:
                     tx, delivery.id, status="failed", reason="the repository was unregistered"
                 )
                 return True
-            settled = await settle(tx, self.outbox, delivery, repo, self.mirrors)
-        if settled is None:
-            await asyncio.sleep(min(30.0, 2.0**delivery.attempts))
+            await settle(tx, self.outbox, delivery, repo, self.mirrors)
         return True

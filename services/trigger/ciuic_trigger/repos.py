@@ -17,7 +17,14 @@ def fetch_url(url_or_path: str) -> str:
     text = url_or_path.strip()
     if not text:
         raise InvalidArgument("a repository URL or path is required")
-    if "://" in text or _SCP.match(text):
+    if "://" in text:
+        if urlsplit(text).password is not None:
+            raise InvalidArgument(
+                "put no credentials in the repository URL (they would show in logs and events); "
+                "give git a credential helper or an ssh key instead"
+            )
+        return text
+    if _SCP.match(text):
         return text
     return Path(text).expanduser().resolve().as_uri()
 

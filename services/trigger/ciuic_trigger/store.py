@@ -50,6 +50,8 @@ class Delivery:
     attempts: int
     received_at: datetime
     finished_at: datetime | None
+    not_before: datetime | None = None
+    body_sha256: str | None = None
 
 
 def _delivery(row: asyncpg.Record) -> Delivery:
@@ -108,25 +110,31 @@ async def record_delivery(
     payload_files: Sequence[str] | None = None,
     status: str = "received",
     reason: str = "",
+    body_sha256: str | None = None,
 ) -> tuple[Delivery, bool]:
-    """Store a delivery; returns it and False when the same delivery was recorded before."""
+    """Store a delivery; returns it and False when the same delivery (same id, or the same
+    signed body for this repository) was recorded before."""
     row = await conn.fetchrow(
         """INSERT INTO deliveries (id, provider, delivery_id, repository_id, repository, event, ref,
                                    before_sha, commit_sha, pusher, payload_files, status, reason,
-                                   finished_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                                   body_sha256, finished_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
                    CASE WHEN $12 = 'received' THEN NULL ELSE now() END)
-           ON CONFLICT (provider, delivery_id) DO NOTHING
+           ON CONFLICT DO NOTHING
            RETURNING *""",
         uuid.uuid4(), provider, delivery_id, repository.id, repository.url, event, ref,
         before_sha, commit_sha, pusher,
-        list(payload_files) if payload_files is not None else None, status, reason,
+        list(payload_files) if payload_files is not None else None, status, reason, body_sha256,
     )  # fmt: skip
     if row is not None:
         return _delivery(row), True
     existing = await conn.fetchrow(
-        "SELECT * FROM deliveries WHERE provider = $1 AND delivery_id = $2", provider, delivery_id
-    )
+        """SELECT * FROM deliveries
+            WHERE (provider = $1 AND delivery_id = $2)
+               OR (repository_id = $3 AND body_sha256 = $4)
+            LIMIT 1""",
+        provider, delivery_id, repository.id, body_sha256,
+    )  # fmt: skip
     assert existing is not None
     return _delivery(existing), False
 
@@ -135,11 +143,19 @@ async def claim_waiting(conn: Connection) -> Delivery | None:
     """Lock the oldest delivery waiting for intake (for the caller's transaction)."""
     row = await conn.fetchrow(
         """UPDATE deliveries SET attempts = attempts + 1
-            WHERE id = (SELECT id FROM deliveries WHERE status = 'received'
+            WHERE id = (SELECT id FROM deliveries WHERE status = 'received' AND not_before <= now()
                          ORDER BY received_at LIMIT 1 FOR UPDATE SKIP LOCKED)
             RETURNING *"""
     )
     return _delivery(row) if row else None
+
+
+async def retry_later(conn: Connection, delivery_id: uuid.UUID, seconds: float) -> None:
+    """Leave a delivery waiting, not to be tried again for `seconds`."""
+    await conn.execute(
+        "UPDATE deliveries SET not_before = now() + make_interval(secs => $2) WHERE id = $1",
+        delivery_id, seconds,
+    )  # fmt: skip
 
 
 async def finish_delivery(
@@ -183,6 +199,8 @@ async def list_deliveries(
     status: str = "",
 ) -> tuple[list[Delivery], str]:
     """A page of deliveries, newest first, and the token of the next page ('' when last)."""
+    if limit < 1:
+        raise InvalidArgument("page_size must be positive")
     if status and status not in STATUSES:
         raise InvalidArgument(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
     after_time, after_id = None, None
