@@ -1,0 +1,1591 @@
+"""Where and when jobs run: gang placement of GPU jobs with priorities, fair share and backfill.
+
+Pure: no I/O, no clocks (`now` is an argument), no randomness; the same state and queue always
+give the same decisions.
+
+One scheduling pass (`schedule`) walks the queue in order and places every job that fits now:
+- order: priority (higher first), then the project furthest below its fair share (usage per
+  weight; see `fairshare`), then submission time. A placement charges its project at once with
+  the usage it is expected to add, so one pass already interleaves projects by weight.
+- gang: a job gets all `nodes` at once or none, each node on a different agent, each with
+  `gpus_per_node` GPUs and the job's CPU and memory.
+- the first job that does not fit (the head) gets a reservation: the earliest time, from the
+  running jobs' expected ends, at which agents can hold all its nodes, and which GPUs. Later jobs
+  are backfilled (EASY backfill) only if they cannot delay it: they end before the reservation
+  starts by their runtime estimate, or use only what the reservation leaves spare. A job without
+  an estimate never counts as ending in time. A head that could not start even if every running
+  job ended (agents lost, GPUs held by foreign processes) is reported as stalled and does not
+  block the jobs behind it.
+- GPU choice (`schedule`): among agents that can host a node, prefer the placement that leaves
+  the fewest GPUs unusable for the sizes still queued (GPUs, CPU and memory together), then GPUs
+  within as few interconnect (NVLink) groups as the agent's topology allows, then best fit (the
+  fewest free GPUs left on the agent), then agent id and GPU indices. `best_fit` and `first_fit`
+  are the textbook baselines with the same queue order and backfill.
+
+`ClusterState` and `JobQueue` are in-memory indexes the scheduler changes as jobs start, end and
+agents come and go; a pass only reads them. They keep agents bucketed by free-GPU count and, per
+GPU count, sorted by when that many GPUs will be free, so a decision looks at a handful of agents
+rather than the whole cluster. Jobs that differ only in CPU and memory form a group; a pass
+remembers which requests of a group failed to fit (asking more of both cannot fit either: a pass
+only takes resources), skips the jobs they cover, and stops when they cover every group.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import heapq
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Generic, NamedTuple, TypeAlias, TypeVar
+
+from ciuic_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ciuic_scheduler.fairshare import FairShare, Usage
+
+__all__ = [
+    "DEFAULT_BACKFILL_DEPTH",
+    "Agent",
+    "Allocation",
+    "ClusterState",
+    "Decisions",
+    "Gpu",
+    "JobQueue",
+    "JobRequest",
+    "NodeAssignment",
+    "Placement",
+    "Policy",
+    "Reservation",
+    "Stalled",
+    "best_fit",
+    "feasible",
+    "first_fit",
+    "schedule",
+    "stranded_gpus",
+]
+
+#: Queued jobs a pass examines behind the head for backfill (as Slurm's bf_max_job_test): it
+#: bounds a pass on a long queue of jobs that cannot start now.
+DEFAULT_BACKFILL_DEPTH = 1000
+
+#: Candidate agents a decision scores per node when none is ideal (leaves no hole, spans no
+#: extra group); the best of them wins. Bounds a decision on a large, fragmented cluster.
+_SEARCH_BREADTH = 64
+
+_NEVER = math.inf  # the end of a job of unknown length
+
+_Number = TypeVar("_Number", int, float)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    """One GPU of an agent as NVML reports it."""
+
+    index: int
+    uuid: str = ""
+    model: str = ""
+    memory_total_mib: int = 0
+    memory_used_mib: int = 0
+    #: NVML shows processes on it that ciuic did not start: it is never offered to a job.
+    busy_foreign: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A host that runs jobs: its GPUs and what it offers ciuic jobs in CPU and memory."""
+
+    agent_id: str
+    gpus: tuple[Gpu, ...] = ()
+    #: CPU and memory the agent offers jobs in total (not what is free: allocations say that).
+    millicores: int = 0
+    memory_mib: int = 0
+    #: Training strategies it can run, such as "ddp" and "horovod".
+    capabilities: frozenset[str] = frozenset()
+    #: GPU indices linked by a fast interconnect, e.g. ((0, 1, 2, 3), (4, 5, 6, 7)); empty when
+    #: the agent reports no topology.
+    interconnect_groups: tuple[tuple[int, ...], ...] = ()
+    simulated: bool = False
+
+    def __post_init__(self) -> None:
+        indices = [gpu.index for gpu in self.gpus]
+        if len(set(indices)) != len(indices):
+            raise InvalidArgument(f"agent {self.agent_id} reports a GPU index twice: {indices}")
+        grouped = [index for group in self.interconnect_groups for index in group]
+        if len(set(grouped)) != len(grouped) or not set(grouped) <= set(indices):
+            raise InvalidArgument(
+                f"agent {self.agent_id}: interconnect groups {self.interconnect_groups} must be "
+                f"disjoint sets of its GPU indices {indices}"
+            )
+        if self.millicores < 0 or self.memory_mib < 0:
+            raise InvalidArgument(f"agent {self.agent_id}: CPU and memory cannot be negative")
+
+
+class _Group(NamedTuple):
+    """Jobs that may differ only in the CPU and memory they ask per node."""
+
+    nodes: int
+    gpus_per_node: int
+    capability: str | None
+    excluded_agents: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A job asking to run: `nodes` times `gpus_per_node` GPUs, with CPU and memory per node."""
+
+    job_id: str
+    project: str
+    nodes: int = 1
+    gpus_per_node: int = 1
+    millicores_per_node: int = 0
+    memory_mib_per_node: int = 0
+    #: Higher runs first.
+    priority: int = 0
+    #: A capability every node's agent must have (the training strategy), or None.
+    capability: str | None = None
+    submitted_at: float = 0.0
+    #: Declared or learned runtime in seconds; None when unknown.
+    runtime_estimate_s: float | None = None
+    #: Agents this job failed on before; it never goes back to them.
+    excluded_agents: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            raise InvalidArgument("a job needs an id")
+        if self.nodes < 1:
+            raise InvalidArgument(f"job {self.job_id}: nodes must be at least 1, not {self.nodes}")
+        if min(self.gpus_per_node, self.millicores_per_node, self.memory_mib_per_node) < 0:
+            raise InvalidArgument(f"job {self.job_id}: GPUs, CPU and memory cannot be negative")
+        estimate = self.runtime_estimate_s
+        if estimate is not None and not (estimate > 0 and math.isfinite(estimate)):
+            raise InvalidArgument(
+                f"job {self.job_id}: runtime estimate must be > 0, not {estimate}"
+            )
+        if not math.isfinite(self.submitted_at):
+            raise InvalidArgument(f"job {self.job_id}: submitted_at must be a finite time")
+
+    @property
+    def gpus(self) -> int:
+        """GPUs over all nodes."""
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def _group(self) -> _Group:
+        return _Group(self.nodes, self.gpus_per_node, self.capability, self.excluded_agents)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAssignment:
+    """One node of a job: an agent and the indices of its GPUs the node gets."""
+
+    agent_id: str
+    gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """A running job: where its nodes are and when it is expected to end (None: unknown)."""
+
+    job_id: str
+    project: str
+    nodes: tuple[NodeAssignment, ...]
+    millicores_per_node: int = 0
+    memory_mib_per_node: int = 0
+    started_at: float = 0.0
+    ends_at: float | None = None
+
+    @property
+    def gpus(self) -> int:
+        """GPUs over all nodes."""
+        return sum(len(node.gpus) for node in self.nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A decision to start `job` now on `nodes`; `backfilled` when it jumped a reserved job."""
+
+    job: JobRequest
+    nodes: tuple[NodeAssignment, ...]
+    backfilled: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Where the head job will start, and when (None: once jobs of unknown length end)."""
+
+    job_id: str
+    starts_at: float | None
+    nodes: tuple[NodeAssignment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """A job that could not start even if every running job ended, and why."""
+
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """What one scheduling pass decided, in the order it decided it."""
+
+    placements: tuple[Placement, ...] = ()
+    reservation: Reservation | None = None
+    #: The jobs found stalled this pass; one per group of like jobs, not every stalled job.
+    stalled: tuple[Stalled, ...] = ()
+
+
+# --- feasibility --------------------------------------------------------------------------------
+
+
+def feasible(request: JobRequest, agents: Iterable[Agent]) -> str | None:
+    """Why no set of these agents could ever run `request`, or None if some set could."""
+    return _shortfall(request, list(agents), lambda agent: len(agent.gpus), "GPUs")
+
+
+def _shortfall(
+    job: JobRequest, agents: list[Agent], gpus_of: Callable[[Agent], int], gpus_word: str
+) -> str | None:
+    if not agents:
+        return "no agents are registered"
+    capable = [a for a in agents if job.capability is None or job.capability in a.capabilities]
+    if not capable:
+        return f"needs the {job.capability!r} capability, which no registered agent has"
+    among = "" if job.capability is None else f" with {job.capability!r}"
+    most_gpus = max(gpus_of(agent) for agent in capable)
+    if most_gpus < job.gpus_per_node:
+        return (
+            f"needs {job.gpus_per_node} {gpus_word} on one node; the largest agent{among} "
+            f"has {most_gpus}"
+        )
+    most_cpu = max(agent.millicores for agent in capable)
+    if most_cpu < job.millicores_per_node:
+        return (
+            f"needs {_cpus(job.millicores_per_node)} on one node; the largest agent{among} "
+            f"offers {_cpus(most_cpu)}"
+        )
+    most_memory = max(agent.memory_mib for agent in capable)
+    if most_memory < job.memory_mib_per_node:
+        return (
+            f"needs {_memory(job.memory_mib_per_node)} of memory on one node; the largest "
+            f"agent{among} offers {_memory(most_memory)}"
+        )
+    hosts = [
+        agent
+        for agent in capable
+        if gpus_of(agent) >= job.gpus_per_node
+        and agent.millicores >= job.millicores_per_node
+        and agent.memory_mib >= job.memory_mib_per_node
+    ]
+    allowed = [agent for agent in hosts if agent.agent_id not in job.excluded_agents]
+    if len(allowed) >= job.nodes:
+        return None
+    reason = f"needs {job.nodes} agents that each offer {_node(job, gpus_word)}{among}; "
+    reason += f"{len(allowed)} can"
+    if excluded := len(hosts) - len(allowed):
+        reason += f" ({excluded} more excluded because this job failed on them)"
+    return reason
+
+
+def _node(job: JobRequest, gpus_word: str) -> str:
+    """What one node of `job` asks, in words."""
+    parts = [f"{job.gpus_per_node} {gpus_word}"]
+    if job.millicores_per_node:
+        parts.append(_cpus(job.millicores_per_node))
+    if job.memory_mib_per_node:
+        parts.append(f"{_memory(job.memory_mib_per_node)} of memory")
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
+def _cpus(millicores: int) -> str:
+    cores = millicores / 1000
+    return f"{cores:g} CPU" + ("" if cores == 1 else "s")
+
+
+def _memory(mib: int) -> str:
+    return f"{mib / 1024:g} GiB" if mib >= 1024 else f"{mib} MiB"
+
+
+# --- the cluster --------------------------------------------------------------------------------
+
+
+class _Free(NamedTuple):
+    """What an agent has free now."""
+
+    gpus: frozenset[int]
+    millicores: int
+    memory_mib: int
+
+
+class _Release(NamedTuple):
+    """What a running node gives back to its agent, and when it is expected to."""
+
+    ends_at: float  # _NEVER when unknown
+    job_id: str
+    gpus: tuple[int, ...]
+    millicores: int
+    memory_mib: int
+
+
+class ClusterState:
+    """The agents, what each has free, the running allocations and each project's usage.
+
+    The scheduler keeps one in memory and changes it through these methods once the decisions
+    that change it are committed; `schedule` reads it and never changes it.
+    """
+
+    def __init__(
+        self,
+        agents: Iterable[Agent] = (),
+        allocations: Iterable[Allocation] = (),
+        *,
+        fair_share: FairShare | None = None,
+        usage: Mapping[str, float] | None = None,
+        usage_as_of: float = 0.0,
+    ) -> None:
+        """`usage`: each project's decayed GPU-seconds at `usage_as_of`, running jobs included."""
+        self.fair_share = fair_share or FairShare()
+        self._agents: dict[str, Agent] = {}
+        self._usable: dict[str, frozenset[int]] = {}  # GPU indices not held by foreign processes
+        self._topology: dict[str, _Topology | None] = {}
+        self._free: dict[str, _Free] = {}
+        self._releases: dict[str, tuple[_Release, ...]] = {}  # sorted by (ends_at, job_id)
+        self._by_free: dict[int, list[str]] = {}  # free-GPU count -> sorted agent ids
+        # GPU count g -> sorted (time at which the agent will have g GPUs free, agent id)
+        self._ready: dict[int, list[tuple[float, str]]] = {}
+        self._ready_of: dict[str, tuple[float, ...]] = {}
+        self._allocations: dict[str, Allocation] = {}
+        self._usage = {
+            project: Usage(used, 0, usage_as_of) for project, used in (usage or {}).items()
+        }
+        self._sizes: Counter[int] = Counter()  # usable GPUs per agent -> agents
+        self._usable_gpus = 0
+        self._allocated_gpus = 0
+        for agent in agents:
+            self.register(agent)
+        running = sorted(allocations, key=lambda a: (a.started_at, a.job_id))
+        self._check_fits(running)
+        with self._reindexing(running):
+            for allocation in running:
+                gpus = self._occupy(allocation)
+                # Running jobs accrue usage from when they started, or from the snapshot.
+                self._settle(allocation.project, max(allocation.started_at, usage_as_of), gpus)
+
+    # reading
+
+    @property
+    def agents(self) -> Mapping[str, Agent]:
+        return MappingProxyType(self._agents)
+
+    @property
+    def allocations(self) -> Mapping[str, Allocation]:
+        return MappingProxyType(self._allocations)
+
+    @property
+    def usable_gpus(self) -> int:
+        """GPUs of all agents that are not held by foreign processes."""
+        return self._usable_gpus
+
+    @property
+    def allocated_gpus(self) -> int:
+        return self._allocated_gpus
+
+    def free_gpus(self, agent_id: str) -> frozenset[int]:
+        """The GPU indices of `agent_id` a job could get now."""
+        return self._free[agent_id].gpus
+
+    def jobs_on(self, agent_id: str) -> tuple[str, ...]:
+        """The running jobs with a node on `agent_id`."""
+        return tuple(sorted({release.job_id for release in self._releases.get(agent_id, ())}))
+
+    def usage(self, now: float) -> dict[str, float]:
+        """Each project's decayed GPU-seconds at `now`."""
+        return {project: used.at(now, self.fair_share) for project, used in self._usage.items()}
+
+    # changing
+
+    def register(self, agent: Agent) -> None:
+        """Add `agent`, or refresh it from a newer report (GPUs, foreign processes, topology)."""
+        agent_id = agent.agent_id
+        releases = self._releases.get(agent_id, ())
+        allocated = {gpu for release in releases for gpu in release.gpus}
+        if missing := allocated - {gpu.index for gpu in agent.gpus}:
+            raise FailedPrecondition(
+                f"agent {agent_id} no longer reports GPUs {sorted(missing)}, which jobs "
+                f"{self.jobs_on(agent_id)} hold; finish or requeue those jobs first"
+            )
+        if agent_id in self._agents:
+            self._unindex(agent_id)
+            self._forget_size(len(self._usable[agent_id]))
+        usable = frozenset(gpu.index for gpu in agent.gpus if not gpu.busy_foreign)
+        self._agents[agent_id] = agent
+        self._usable[agent_id] = usable
+        self._topology[agent_id] = _topology(agent.interconnect_groups, usable)
+        self._free[agent_id] = _Free(
+            usable - allocated,
+            agent.millicores - sum(release.millicores for release in releases),
+            agent.memory_mib - sum(release.memory_mib for release in releases),
+        )
+        self._releases[agent_id] = releases
+        self._usable_gpus += len(usable)
+        self._sizes[len(usable)] += 1
+        self._index(agent_id)
+
+    def remove_agent(self, agent_id: str) -> None:
+        """Forget `agent_id`; its jobs must have been finished (or requeued) first."""
+        if agent_id not in self._agents:
+            raise NotFound(f"agent {agent_id} is not registered")
+        if jobs := self.jobs_on(agent_id):
+            raise FailedPrecondition(
+                f"agent {agent_id} still runs jobs {list(jobs)}; finish or requeue them first"
+            )
+        self._unindex(agent_id)
+        self._forget_size(len(self._usable[agent_id]))
+        del self._agents[agent_id], self._usable[agent_id], self._topology[agent_id]
+        del self._free[agent_id], self._releases[agent_id]
+
+    def start(self, placements: Iterable[Placement], now: float) -> tuple[Allocation, ...]:
+        """Allocate what `placements` decided, all or none; returns the new allocations."""
+        allocations = tuple(
+            Allocation(
+                job_id=placement.job_id,
+                project=placement.job.project,
+                nodes=placement.nodes,
+                millicores_per_node=placement.job.millicores_per_node,
+                memory_mib_per_node=placement.job.memory_mib_per_node,
+                started_at=now,
+                ends_at=(
+                    None
+                    if placement.job.runtime_estimate_s is None
+                    else now + placement.job.runtime_estimate_s
+                ),
+            )
+            for placement in placements
+        )
+        self._check_fits(allocations)
+        started: Counter[str] = Counter()
+        with self._reindexing(allocations):
+            for allocation in allocations:
+                started[allocation.project] += self._occupy(allocation)
+        for project, gpus in sorted(started.items()):
+            self._settle(project, now, gpus)
+        return allocations
+
+    def finish(self, job_id: str, now: float) -> Allocation:
+        """Release the resources of `job_id` (it ended, failed, was stopped or requeued)."""
+        allocation = self._allocations.pop(job_id, None)
+        if allocation is None:
+            raise NotFound(f"job {job_id} holds no allocation")
+        with self._reindexing([allocation]):
+            for node in allocation.nodes:
+                agent_id = node.agent_id
+                free = self._free[agent_id]
+                self._free[agent_id] = _Free(
+                    free.gpus | (frozenset(node.gpus) & self._usable[agent_id]),
+                    free.millicores + allocation.millicores_per_node,
+                    free.memory_mib + allocation.memory_mib_per_node,
+                )
+                self._releases[agent_id] = tuple(
+                    release for release in self._releases[agent_id] if release.job_id != job_id
+                )
+        self._allocated_gpus -= allocation.gpus
+        self._settle(allocation.project, now, -allocation.gpus)
+        return allocation
+
+    # internals
+
+    @property
+    def _most_gpus(self) -> int:
+        """The most usable GPUs any agent has."""
+        return max(self._sizes, default=0)
+
+    def _forget_size(self, gpus: int) -> None:
+        self._usable_gpus -= gpus
+        self._sizes[gpus] -= 1
+        if not self._sizes[gpus]:
+            del self._sizes[gpus]
+
+    def _check_fits(self, allocations: Iterable[Allocation]) -> None:
+        """Refuse allocations that would give a GPU twice or more CPU or memory than is free."""
+        taken: dict[str, _Free] = {}
+        for allocation in allocations:
+            if allocation.job_id in self._allocations:
+                raise AlreadyExists(f"job {allocation.job_id} is running already")
+            agent_ids = [node.agent_id for node in allocation.nodes]
+            if len(set(agent_ids)) != len(agent_ids):
+                raise FailedPrecondition(
+                    f"job {allocation.job_id} has two nodes on one agent: {agent_ids}"
+                )
+            for node in allocation.nodes:
+                if node.agent_id not in self._agents:
+                    raise NotFound(f"job {allocation.job_id}: agent {node.agent_id} is unknown")
+                free = taken.get(node.agent_id, self._free[node.agent_id])
+                wanted = frozenset(node.gpus)
+                if len(wanted) != len(node.gpus) or not wanted <= free.gpus:
+                    raise FailedPrecondition(
+                        f"job {allocation.job_id}: GPUs {sorted(wanted - free.gpus)} of agent "
+                        f"{node.agent_id} are not free"
+                    )
+                left = _Free(
+                    free.gpus - wanted,
+                    free.millicores - allocation.millicores_per_node,
+                    free.memory_mib - allocation.memory_mib_per_node,
+                )
+                if left.millicores < 0 or left.memory_mib < 0:
+                    raise FailedPrecondition(
+                        f"job {allocation.job_id}: agent {node.agent_id} lacks the CPU or memory"
+                    )
+                taken[node.agent_id] = left
+
+    def _occupy(self, allocation: Allocation) -> int:
+        """Take what `allocation` holds (inside `_reindexing`; usage is settled apart);
+        returns its GPU count."""
+        ends_at = _NEVER if allocation.ends_at is None else allocation.ends_at
+        gpus = 0
+        for node in allocation.nodes:
+            gpus += len(node.gpus)
+            agent_id = node.agent_id
+            free = self._free[agent_id]
+            self._free[agent_id] = _Free(
+                free.gpus - frozenset(node.gpus),
+                free.millicores - allocation.millicores_per_node,
+                free.memory_mib - allocation.memory_mib_per_node,
+            )
+            release = _Release(
+                ends_at,
+                allocation.job_id,
+                node.gpus,
+                allocation.millicores_per_node,
+                allocation.memory_mib_per_node,
+            )
+            self._releases[agent_id] = _with_release(self._releases[agent_id], release)
+        self._allocations[allocation.job_id] = allocation
+        self._allocated_gpus += gpus
+        return gpus
+
+    def _settle(self, project: str, now: float, running_gpus_change: int) -> None:
+        usage = self._usage.get(project, Usage(as_of=now))
+        self._usage[project] = usage.settled(now, self.fair_share, running_gpus_change)
+
+    @contextlib.contextmanager
+    def _reindexing(self, allocations: Iterable[Allocation]) -> Iterator[None]:
+        """Take the agents of `allocations` out of the indexes while their resources change."""
+        agent_ids = sorted(
+            {node.agent_id for allocation in allocations for node in allocation.nodes}
+        )
+        # A batch that touches many agents (a first pass on an idle cluster) is cheaper to
+        # index afresh than agent by agent.
+        afresh = len(agent_ids) * 8 > len(self._agents)
+        if afresh:
+            self._by_free.clear()
+            self._ready.clear()
+            self._ready_of.clear()
+        else:
+            for agent_id in agent_ids:
+                self._unindex(agent_id)
+        yield
+        if not afresh:
+            for agent_id in agent_ids:
+                self._index(agent_id)
+            return
+        for agent_id in self._agents:
+            self._by_free.setdefault(len(self._free[agent_id].gpus), []).append(agent_id)
+            ready = _gpu_ready_times(
+                self._free[agent_id], self._releases[agent_id], self._usable[agent_id]
+            )
+            self._ready_of[agent_id] = ready
+            for count, at in enumerate(ready, start=1):
+                self._ready.setdefault(count, []).append((at, agent_id))
+        for index in (self._by_free, self._ready):
+            for entries in index.values():
+                entries.sort()
+
+    def _index(self, agent_id: str) -> None:
+        bisect.insort(self._by_free.setdefault(len(self._free[agent_id].gpus), []), agent_id)
+        ready = _gpu_ready_times(
+            self._free[agent_id], self._releases[agent_id], self._usable[agent_id]
+        )
+        self._ready_of[agent_id] = ready
+        for count, at in enumerate(ready, start=1):
+            bisect.insort(self._ready.setdefault(count, []), (at, agent_id))
+
+    def _unindex(self, agent_id: str) -> None:
+        _remove_sorted(self._by_free[len(self._free[agent_id].gpus)], agent_id)
+        for count, at in enumerate(self._ready_of.pop(agent_id), start=1):
+            _remove_sorted(self._ready[count], (at, agent_id))
+
+
+def _with_release(releases: tuple[_Release, ...], release: _Release) -> tuple[_Release, ...]:
+    ordered = list(releases)
+    bisect.insort(ordered, release)
+    return tuple(ordered)
+
+
+_Sortable = TypeVar("_Sortable", str, tuple[float, str], tuple[float, float, str])
+
+
+def _remove_sorted(items: list[_Sortable], item: _Sortable) -> None:
+    del items[bisect.bisect_left(items, item)]
+
+
+def _gpu_ready_times(
+    free: _Free, releases: tuple[_Release, ...], usable: frozenset[int]
+) -> tuple[float, ...]:
+    """When the agent will have 1, 2, ... GPUs free (-inf: now) if no other job starts."""
+    times = [-math.inf] * len(free.gpus)
+    count = len(free.gpus)
+    for release in releases:
+        count += len(usable.intersection(release.gpus))
+        times.extend([release.ends_at] * (count - len(times)))
+    return tuple(times)
+
+
+def _ready_at(
+    job: JobRequest, free: _Free, releases: tuple[_Release, ...], usable: frozenset[int]
+) -> float | None:
+    """When one node of `job` fits on the agent if no other job starts (None: never)."""
+    gpus, millicores, memory = len(free.gpus), free.millicores, free.memory_mib
+    need_gpus, need_cpu, need_memory = (
+        job.gpus_per_node,
+        job.millicores_per_node,
+        job.memory_mib_per_node,
+    )
+    if gpus >= need_gpus and millicores >= need_cpu and memory >= need_memory:
+        return -math.inf
+    # Running jobs only give resources back, so the first moment all three suffice is the answer.
+    for release in releases:
+        gpus += len(usable.intersection(release.gpus))
+        millicores += release.millicores
+        memory += release.memory_mib
+        if gpus >= need_gpus and millicores >= need_cpu and memory >= need_memory:
+            return release.ends_at
+    return None
+
+
+# --- the queue ----------------------------------------------------------------------------------
+
+
+class _Entry(NamedTuple):
+    submitted_at: float
+    job_id: str
+    job: JobRequest
+    group: _Group
+
+
+class _Least(Generic[_Number]):
+    """A multiset of numbers that knows its least member."""
+
+    __slots__ = ("_counts", "_least")
+
+    def __init__(self) -> None:
+        self._counts: Counter[_Number] = Counter()
+        self._least: _Number | None = None
+
+    def add(self, value: _Number) -> None:
+        self._counts[value] += 1
+        if self._least is not None and value < self._least:
+            self._least = value
+
+    def remove(self, value: _Number) -> None:
+        self._counts[value] -= 1
+        if not self._counts[value]:
+            del self._counts[value]
+            if value == self._least:
+                self._least = None  # found again when next asked
+
+    def least(self) -> _Number:
+        if self._least is None:
+            self._least = min(self._counts)
+        return self._least
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+
+@dataclass(slots=True)
+class _GroupNeeds:
+    """What the queued jobs of one group ask: CPU and memory per node, runtime estimates."""
+
+    millicores: _Least[int] = field(default_factory=_Least)
+    memory_mib: _Least[int] = field(default_factory=_Least)
+    #: The jobs that declare a runtime estimate, shortest first: (estimate, submitted_at, id).
+    by_estimate: list[tuple[float, float, str]] = field(default_factory=list)
+
+    def add(self, job: JobRequest) -> None:
+        self.millicores.add(job.millicores_per_node)
+        self.memory_mib.add(job.memory_mib_per_node)
+        if job.runtime_estimate_s is not None:
+            bisect.insort(self.by_estimate, _estimate_order(job))
+
+    def remove(self, job: JobRequest) -> None:
+        self.millicores.remove(job.millicores_per_node)
+        self.memory_mib.remove(job.memory_mib_per_node)
+        if job.runtime_estimate_s is not None:
+            _remove_sorted(self.by_estimate, _estimate_order(job))
+
+    def shortest(self) -> float:
+        """The shortest runtime estimate in the group (inf: none declared)."""
+        return self.by_estimate[0][0] if self.by_estimate else math.inf
+
+    def ending_within(self, seconds: float) -> list[tuple[float, float, str]]:
+        """The jobs whose estimate is at most `seconds`."""
+        return self.by_estimate[: bisect.bisect_right(self.by_estimate, (seconds, math.inf))]
+
+
+def _estimate_order(job: JobRequest) -> tuple[float, float, str]:
+    return (job.runtime_estimate_s or math.inf, job.submitted_at, job.job_id)
+
+
+def _entry_order(entry: _Entry) -> tuple[float, str]:
+    return entry.submitted_at, entry.job_id
+
+
+class JobQueue:
+    """The jobs waiting to run, indexed by priority and project in submission order.
+
+    Kept in memory by the scheduler, changed as jobs are queued and placed; `schedule` reads it
+    and never changes it. Job ids are unique.
+    """
+
+    def __init__(self, jobs: Iterable[JobRequest] = ()) -> None:
+        self._jobs: dict[str, JobRequest] = {}
+        # priority -> project -> entries sorted by (submitted_at, job_id)
+        self._levels: dict[int, dict[str, list[_Entry]]] = {}
+        self._groups: dict[_Group, _GroupNeeds] = {}
+        for job in jobs:
+            self.add(job)
+
+    def add(self, job: JobRequest) -> None:
+        """Queue `job`."""
+        if job.job_id in self._jobs:
+            raise AlreadyExists(f"job {job.job_id} is queued already")
+        entry = _Entry(job.submitted_at, job.job_id, job, job._group)
+        fifo = self._levels.setdefault(job.priority, {}).setdefault(job.project, [])
+        if fifo and _entry_order(entry) < _entry_order(fifo[-1]):
+            bisect.insort(fifo, entry, key=_entry_order)
+        else:
+            fifo.append(entry)  # the common case: jobs arrive in submission order
+        self._groups.setdefault(entry.group, _GroupNeeds()).add(job)
+        self._jobs[job.job_id] = job
+
+    def remove(self, job_id: str) -> JobRequest:
+        """Take `job_id` out of the queue (placed or cancelled) and return it."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            raise NotFound(f"job {job_id} is not queued")
+        projects = self._levels[job.priority]
+        fifo = projects[job.project]
+        if fifo[0].job_id == job_id:
+            del fifo[0]  # placed jobs are mostly the oldest of their project
+        else:
+            del fifo[bisect.bisect_left(fifo, (job.submitted_at, job.job_id), key=_entry_order)]
+        if not fifo:
+            del projects[job.project]
+            if not projects:
+                del self._levels[job.priority]
+        needs = self._groups[job._group]
+        needs.remove(job)
+        if not needs.millicores:
+            del self._groups[job._group]
+        return job
+
+    def get(self, job_id: str) -> JobRequest | None:
+        return self._jobs.get(job_id)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def _cheapest(self) -> dict[_Group, tuple[int, int]]:
+        """Per group, the least CPU and the least memory any of its queued jobs asks."""
+        return {
+            group: (needs.millicores.least(), needs.memory_mib.least())
+            for group, needs in self._groups.items()
+        }
+
+    def __iter__(self) -> Iterator[JobRequest]:
+        """By priority, then submission time (fair share is decided in a pass, not here)."""
+        for priority in sorted(self._levels, reverse=True):
+            merged = heapq.merge(*self._levels[priority].values(), key=_entry_order)
+            yield from (entry.job for entry in merged)
+
+
+# --- GPU choice -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # identity hash: interned by _topology()
+class _Topology:
+    """An agent's interconnect groups as placement reads them."""
+
+    group_of: Mapping[int, int]
+    #: [g]: the fewest groups that hold g usable GPUs when the agent is idle.
+    fewest_groups: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _topology(groups: tuple[tuple[int, ...], ...], usable: frozenset[int]) -> _Topology | None:
+    if not groups:
+        return None
+    group_of = {gpu: number for number, members in enumerate(groups) for gpu in members}
+    # A GPU outside every group is a group of its own: nothing fast links it to the others.
+    sizes = sorted(Counter(group_of.get(gpu, -1 - gpu) for gpu in usable).values(), reverse=True)
+    fewest = [0]
+    for used, size in enumerate(sizes, start=1):
+        fewest.extend([used] * size)
+    return _Topology(MappingProxyType(group_of), tuple(fewest))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lowest(free: frozenset[int], count: int) -> tuple[int, ...]:
+    return tuple(sorted(free)[:count])
+
+
+@functools.lru_cache(maxsize=65536)
+def _grouped(free: frozenset[int], count: int, topology: _Topology) -> tuple[tuple[int, ...], int]:
+    """`count` of the `free` GPUs in as few groups as possible, and how many groups that is
+    beyond what an idle agent would need."""
+    members: dict[int, list[int]] = {}
+    for gpu in sorted(free):
+        members.setdefault(topology.group_of.get(gpu, -1 - gpu), []).append(gpu)
+    smallest_first = sorted(members.values(), key=lambda group: (len(group), group[0]))
+    chosen: list[int] = []
+    used = 0
+    while len(chosen) < count:
+        wanted = count - len(chosen)
+        # The smallest group that holds the rest keeps bigger groups whole for bigger jobs;
+        # when none does, take the biggest group whole and look again.
+        group = next((g for g in smallest_first if len(g) >= wanted), smallest_first[-1])
+        smallest_first.remove(group)
+        chosen.extend(group[:wanted])
+        used += 1
+    return tuple(sorted(chosen)), max(0, used - topology.fewest_groups[count])
+
+
+def _demand(groups: Mapping[_Group, tuple[int, int]]) -> _Demand:
+    """The demand of the queued groups (the same object while the mix stays the same)."""
+    cheapest: dict[int, tuple[int, int]] = {}
+    for group, (millicores, memory) in groups.items():
+        if count := group.gpus_per_node:
+            least_cpu, least_memory = cheapest.get(count, (millicores, memory))
+            cheapest[count] = (min(least_cpu, millicores), min(least_memory, memory))
+    return _Demand.of(tuple(sorted(((g, *need) for g, need in cheapest.items()), reverse=True)))
+
+
+class _Demand:
+    """The queued job sizes as one node needs them, to tell which free GPUs are still useful.
+
+    For each per-node GPU count in the queue it keeps the least CPU and memory asked with it
+    (an optimistic view: free GPUs are unusable only if even the cheapest jobs cannot use them).
+    Interned by that mix, which changes rarely, so its answers are remembered across passes.
+    """
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of(sizes: tuple[tuple[int, int, int], ...]) -> _Demand:
+        return _Demand(sizes)
+
+    def __init__(self, sizes: tuple[tuple[int, int, int], ...]) -> None:
+        self._sizes = sizes  # (GPUs, least CPU, least memory), most GPUs first
+        self._unusable: dict[tuple[int, int, int], int] = {}
+        self._packed: dict[tuple[int, int, int, int], int] = {}
+
+    def unusable(self, gpus: int, millicores: int, memory_mib: int) -> int:
+        """Of `gpus` free GPUs beside this CPU and memory, how many no queued mix could use."""
+        key = (gpus, millicores, memory_mib)
+        left = self._unusable.get(key)
+        if left is None:
+            left = self._unusable[key] = gpus - self._packable(gpus, millicores, memory_mib, 0)
+        return left
+
+    def _packable(self, gpus: int, millicores: int, memory_mib: int, first: int) -> int:
+        """The most GPUs queued sizes (from `first` on, each any number of times) can fill."""
+        key = (gpus, millicores, memory_mib, first)
+        best = self._packed.get(key)
+        if best is not None:
+            return best
+        best = 0
+        for index in range(first, len(self._sizes)):
+            size, cpu, memory = self._sizes[index]
+            if size <= gpus and cpu <= millicores and memory <= memory_mib:
+                filled = size + self._packable(
+                    gpus - size, millicores - cpu, memory_mib - memory, index
+                )
+                best = max(best, filled)
+                if best == gpus:
+                    break
+        self._packed[key] = best
+        return best
+
+
+# A candidate's rank (lower is better): GPUs made unusable, extra interconnect groups, free GPUs
+# left on the agent, agent id. The baselines use only the parts they know.
+_Rank: TypeAlias = tuple[int, int, int, str]
+
+
+class _Rule:
+    """How a pass ranks the agents and GPUs that can host a node: plain best fit."""
+
+    def scan(self, work: _Workspace, gpus: int) -> Iterator[str]:
+        """Agents with at least `gpus` free, in the order this rule would rather use them."""
+        by_free = work.by_free
+        for count in range(gpus, work.state._most_gpus + 1):
+            yield from by_free.get(count, ())
+
+    def rank(
+        self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
+    ) -> tuple[_Rank, tuple[int, ...], bool]:
+        """The candidate's rank, its GPUs, and whether no other candidate can beat it by more
+        than its free-GPU count and agent id (then the scan can stop)."""
+        left = len(free.gpus) - job.gpus_per_node
+        return (0, 0, left, agent_id), self.pick(free.gpus, job.gpus_per_node, agent_id, work), True
+
+    def pick(
+        self, free: frozenset[int], count: int, agent_id: str, work: _Workspace
+    ) -> tuple[int, ...]:
+        """Which `count` of the `free` GPUs of `agent_id` a node gets."""
+        return _lowest(free, count)
+
+
+class _FirstFit(_Rule):
+    """The first agents by id that can host a node, their lowest GPU indices."""
+
+    def scan(self, work: _Workspace, gpus: int) -> Iterator[str]:
+        by_free = work.by_free
+        yield from heapq.merge(
+            *(
+                by_free[count]
+                for count in range(gpus, work.state._most_gpus + 1)
+                if count in by_free
+            )
+        )
+
+    def rank(
+        self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
+    ) -> tuple[_Rank, tuple[int, ...], bool]:
+        return (0, 0, 0, agent_id), self.pick(free.gpus, job.gpus_per_node, agent_id, work), True
+
+
+class _LeastFragmenting(_Rule):
+    """Fewest GPUs made unusable, then one interconnect group, then best fit, then id."""
+
+    def rank(
+        self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
+    ) -> tuple[_Rank, tuple[int, ...], bool]:
+        count = job.gpus_per_node
+        topology = work.state._topology[agent_id]
+        if topology is None:
+            gpus, extra_groups = _lowest(free.gpus, count), 0
+        else:
+            gpus, extra_groups = _grouped(free.gpus, count, topology)
+        left = len(free.gpus) - count
+        made_unusable = demand.unusable(
+            left,
+            free.millicores - job.millicores_per_node,
+            free.memory_mib - job.memory_mib_per_node,
+        ) - demand.unusable(len(free.gpus), free.millicores, free.memory_mib)
+        # The job's own size is in the mix, so placing it cannot make free GPUs more usable;
+        # a negative figure would only be the packing's approximation.
+        made_unusable = max(made_unusable, 0)
+        ideal = made_unusable == 0 and extra_groups == 0
+        return (made_unusable, extra_groups, left, agent_id), gpus, ideal
+
+    def pick(
+        self, free: frozenset[int], count: int, agent_id: str, work: _Workspace
+    ) -> tuple[int, ...]:
+        topology = work.state._topology[agent_id]
+        return _lowest(free, count) if topology is None else _grouped(free, count, topology)[0]
+
+
+_LEAST_FRAGMENTING = _LeastFragmenting()
+_BEST_FIT = _Rule()
+_FIRST_FIT = _FirstFit()
+
+
+# --- one scheduling pass ------------------------------------------------------------------------
+
+
+class _Workspace:
+    """A pass's private view of free resources, changed as the pass places jobs."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.free = dict(state._free)
+        self.by_free = dict(state._by_free)  # lists shared with the state until this pass writes
+        self._owned: set[int] = set()
+        #: What the jobs this pass placed will release, per agent.
+        self.added: dict[str, list[_Release]] = {}
+
+    def releases(self, agent_id: str) -> tuple[_Release, ...]:
+        """What the agent's running jobs, and the jobs this pass placed there, will release."""
+        added = self.added.get(agent_id)
+        releases = self.state._releases[agent_id]
+        return releases if added is None else tuple(sorted((*releases, *added)))
+
+    def occupy(self, job: JobRequest, node: NodeAssignment, now: float) -> None:
+        agent_id = node.agent_id
+        free = self.free[agent_id]
+        left = _Free(
+            free.gpus - frozenset(node.gpus),
+            free.millicores - job.millicores_per_node,
+            free.memory_mib - job.memory_mib_per_node,
+        )
+        self.free[agent_id] = left
+        _remove_sorted(self._writable(len(free.gpus)), agent_id)
+        bisect.insort(self._writable(len(left.gpus)), agent_id)
+        estimate = job.runtime_estimate_s
+        ends_at = _NEVER if estimate is None else now + estimate
+        release = _Release(
+            ends_at, job.job_id, node.gpus, job.millicores_per_node, job.memory_mib_per_node
+        )
+        self.added.setdefault(agent_id, []).append(release)
+
+    def _writable(self, count: int) -> list[str]:
+        if count not in self._owned:
+            self.by_free[count] = list(self.by_free.get(count, ()))
+            self._owned.add(count)
+        return self.by_free[count]
+
+
+def _can_host_gpus(group: _Group, agent_id: str, free: _Free, state: ClusterState) -> bool:
+    """Whether the agent could host a node of `group` if CPU and memory were no object."""
+    return (
+        len(free.gpus) >= group.gpus_per_node
+        and agent_id not in group.excluded_agents
+        and (group.capability is None or group.capability in state._agents[agent_id].capabilities)
+    )
+
+
+def _can_host(job: JobRequest, agent_id: str, free: _Free, state: ClusterState) -> bool:
+    return (
+        len(free.gpus) >= job.gpus_per_node
+        and free.millicores >= job.millicores_per_node
+        and free.memory_mib >= job.memory_mib_per_node
+        and agent_id not in job.excluded_agents
+        and (job.capability is None or job.capability in state._agents[agent_id].capabilities)
+    )
+
+
+def _choose_nodes(
+    rule: _Rule,
+    job: JobRequest,
+    work: _Workspace,
+    demand: _Demand,
+    overrides: Mapping[str, _Free],
+) -> tuple[NodeAssignment, ...] | None:
+    """The best `job.nodes` distinct agents (and GPUs) for `job` now, or None if too few can
+    host it. `overrides`: agents whose free resources the pass sees differently (held back)."""
+    state = work.state
+    found: list[tuple[_Rank, tuple[int, ...]]] = []
+    for agent_id in sorted(overrides):
+        if _can_host(job, agent_id, overrides[agent_id], state):
+            found.append(rule.rank(job, agent_id, overrides[agent_id], work, demand)[:2])
+    # The hot loop of a pass, hence the locals. The scan visits agents in the rule's order, so
+    # an ideal candidate outranks every later one.
+    nodes, cpu, memory = job.nodes, job.millicores_per_node, job.memory_mib_per_node
+    excluded, capability, agents = job.excluded_agents, job.capability, state._agents
+    free_now = work.free
+    ideal = 0
+    enough = max(nodes, _SEARCH_BREADTH)
+    for agent_id in rule.scan(work, job.gpus_per_node):
+        free = free_now[agent_id]
+        if (
+            free.millicores < cpu
+            or free.memory_mib < memory
+            or agent_id in overrides
+            or agent_id in excluded
+            or (capability is not None and capability not in agents[agent_id].capabilities)
+        ):
+            continue
+        rank, gpus, is_ideal = rule.rank(job, agent_id, free, work, demand)
+        found.append((rank, gpus))
+        ideal += is_ideal
+        if ideal >= nodes or len(found) >= enough:
+            break
+    if len(found) < nodes:
+        return None
+    if len(found) > 1:
+        found.sort()
+    return tuple([NodeAssignment(rank[3], gpus) for rank, gpus in found[:nodes]])
+
+
+def _unfit_requests(
+    group: _Group,
+    work: _Workspace,
+    overrides: Mapping[str, _Free],
+    cheapest: tuple[int, int],
+    failed: tuple[int, int] | None,
+) -> list[tuple[int, int]]:
+    """The least (CPU, memory) requests that no job of `group` can get now: the inner corners
+    of the staircase of what the agents with enough free GPUs have left (`cheapest`: the least
+    any job of the group asks). For a gang, only the request that `failed`, if any."""
+    state = work.state
+    least_cpu, least_memory = cheapest
+    offers: list[tuple[int, int]] = []  # (CPU, memory) beside enough free GPUs, per agent
+    hosts = 0
+    for agent_id, free in overrides.items():
+        if _can_host_gpus(group, agent_id, free, state):
+            hosts += 1
+            if free.millicores >= least_cpu and free.memory_mib >= least_memory:
+                offers.append((free.millicores, free.memory_mib))
+    free_now = work.free
+    any_agent = group.capability is None and not group.excluded_agents
+    for agent_id in _Rule.scan(_BEST_FIT, work, group.gpus_per_node):
+        free = free_now[agent_id]
+        if agent_id not in overrides and (
+            any_agent or _can_host_gpus(group, agent_id, free, state)
+        ):
+            hosts += 1
+            # Agents left without the CPU or memory for any job of the group count for nothing.
+            if free.millicores >= least_cpu and free.memory_mib >= least_memory:
+                offers.append((free.millicores, free.memory_mib))
+    if hosts < group.nodes or not offers:
+        return [(0, 0)]  # nothing of this group fits
+    if group.nodes > 1:
+        return [failed] if failed else []  # which sets of agents fit a gang is no staircase
+    offers.sort(reverse=True)
+    staircase: list[tuple[int, int]] = []  # CPU descending, memory ascending
+    for offer in offers:
+        if not staircase or offer[1] > staircase[-1][1]:
+            staircase.append(offer)
+    corners = [(staircase[0][0] + 1, 0), (0, staircase[-1][1] + 1)]
+    for (_, less_memory), (less_cpu, _) in itertools.pairwise(staircase):
+        corners.append((less_cpu + 1, less_memory + 1))
+    return corners
+
+
+@dataclass(slots=True)
+class _Hold:
+    """What a reservation needs from one agent: its GPUs, and the CPU and memory the agent
+    can still lend to jobs that run past the reservation's start."""
+
+    gpus: frozenset[int]
+    spare_millicores: int
+    spare_memory_mib: int
+
+
+def _reserve(
+    rule: _Rule, job: JobRequest, work: _Workspace, now: float
+) -> tuple[Reservation, dict[str, _Hold]] | None:
+    """The earliest start of `job` and where, if no job started after now; None: never."""
+    state = work.state
+    earliest: list[tuple[float, str]] = []  # the job.nodes earliest (start, agent) so far
+
+    def offer(agent_id: str, free: _Free, releases: tuple[_Release, ...]) -> None:
+        agent = state._agents[agent_id]
+        if (
+            agent_id in job.excluded_agents
+            or (job.capability is not None and job.capability not in agent.capabilities)
+            or len(state._usable[agent_id]) < job.gpus_per_node
+        ):
+            return
+        at = _ready_at(job, free, releases, state._usable[agent_id])
+        if at is not None:
+            bisect.insort(earliest, (max(at, now), agent_id))
+            del earliest[job.nodes :]
+
+    for agent_id in sorted(work.added):
+        offer(agent_id, work.free[agent_id], work.releases(agent_id))
+    if job.gpus_per_node:
+        # By when each agent will have enough GPUs: CPU and memory can only make it later.
+        for gpus_at, agent_id in state._ready.get(job.gpus_per_node, ()):
+            if len(earliest) == job.nodes and max(gpus_at, now) > earliest[-1][0]:
+                break
+            if agent_id not in work.added:
+                offer(agent_id, state._free[agent_id], state._releases[agent_id])
+    else:
+        for agent_id in state._agents:
+            if agent_id not in work.added:
+                offer(agent_id, state._free[agent_id], state._releases[agent_id])
+    if len(earliest) < job.nodes:
+        return None
+    starts_at = earliest[-1][0]
+    nodes = []
+    holds = {}
+    for _, agent_id in earliest:
+        free = work.free[agent_id]
+        by_then = [r for r in work.releases(agent_id) if r.ends_at <= starts_at]
+        gpus_then = free.gpus | (
+            frozenset(gpu for r in by_then for gpu in r.gpus) & state._usable[agent_id]
+        )
+        gpus = rule.pick(gpus_then, job.gpus_per_node, agent_id, work)
+        nodes.append(NodeAssignment(agent_id, gpus))
+        holds[agent_id] = _Hold(
+            frozenset(gpus),
+            free.millicores + sum(r.millicores for r in by_then) - job.millicores_per_node,
+            free.memory_mib + sum(r.memory_mib for r in by_then) - job.memory_mib_per_node,
+        )
+    when = None if starts_at == _NEVER else starts_at
+    return Reservation(job.job_id, when, tuple(nodes)), holds
+
+
+class _Misfits:
+    """Requests that failed to fit during a pass, per group: a job of the group that asks at
+    least as much CPU and memory cannot fit either, since a pass only takes resources away."""
+
+    def __init__(self, cheapest: Mapping[_Group, tuple[int, int]]) -> None:
+        self._cheapest = cheapest
+        self._failed: dict[_Group, list[tuple[int, int]]] = {}  # the least failing requests
+        #: Groups none of whose queued jobs can fit.
+        self.covered: set[_Group] = set()
+
+    def cover(self, group: _Group, millicores: int, memory_mib: int) -> bool:
+        """Whether a request like this is known not to fit."""
+        for cpu, memory in self._failed.get(group, ()):
+            if cpu <= millicores and memory <= memory_mib:
+                return True
+        return False
+
+    def add(self, group: _Group, requests: Iterable[tuple[int, int]]) -> None:
+        """Remember that these (CPU, memory) requests of `group` cannot fit."""
+        for millicores, memory_mib in requests:
+            if self.cover(group, millicores, memory_mib):
+                continue
+            failed = [
+                (cpu, memory)
+                for cpu, memory in self._failed.get(group, ())
+                if not (cpu >= millicores and memory >= memory_mib)
+            ]
+            failed.append((millicores, memory_mib))
+            self._failed[group] = failed
+        if self.cover(group, *self._cheapest[group]):
+            self.covered.add(group)
+
+
+class _Pass:
+    """One scheduling pass over the queue; `run` returns its decisions."""
+
+    def __init__(
+        self,
+        rule: _Rule,
+        state: ClusterState,
+        queue: JobQueue,
+        now: float,
+        backfill_depth: int,
+    ) -> None:
+        self.rule = rule
+        self.state = state
+        self.queue = queue
+        self.now = now
+        self.backfill_depth = backfill_depth
+        self.work = _Workspace(state)
+        cheapest = queue._cheapest()
+        self.cheapest = cheapest
+        self.groups = cheapest.keys()
+        self.demand = _demand(cheapest)
+        self.usage = state.usage(now)
+        self.placements: list[Placement] = []
+        self.stalled: list[Stalled] = []
+        self.reservation: Reservation | None = None
+        self.holds: dict[str, _Hold] = {}
+        self._outside: dict[str, _Free] | None = None
+        # What cannot fit anywhere any more, and what cannot fit outside the reservation's holds.
+        self.misfits = _Misfits(cheapest)
+        self.misfits_outside_holds = _Misfits(cheapest)
+        self.stalled_misfits = _Misfits(cheapest)  # cannot start even if every job ended
+        self.backfill_seen = 0
+        #: Groups none of whose jobs can start any more this pass.
+        self.done: set[_Group] = set()
+        self.finished = not cheapest  # nothing else in the queue can start this pass
+        #: Only jobs that end before the reservation starts can start, on what it holds.
+        self.only_short_jobs_can_start = False
+
+    def run(self) -> Decisions:
+        for priority in sorted(self.queue._levels, reverse=True):
+            if not self._run_level(self.queue._levels[priority]):
+                break
+        return Decisions(tuple(self.placements), self.reservation, tuple(self.stalled))
+
+    def _standing(self, project: str) -> float:
+        """The project's usage per share weight, counting what this pass has placed."""
+        return self.usage.get(project, 0.0) / self.state.fair_share.weight(project)
+
+    def _run_level(self, projects: Mapping[str, list[_Entry]]) -> bool:
+        """Place what fits of one priority level, projects by fair share; False: pass is over."""
+        # Each project's jobs in submission order, the project furthest below its share first.
+        # A project's standing changes only when it gets a placement, so it keeps its turn
+        # while its jobs do not fit.
+        turns = [(self._standing(project), project) for project in projects]
+        heapq.heapify(turns)
+        position = dict.fromkeys(projects, 0)
+        while turns:
+            project = turns[0][1]
+            fifo = projects[project]
+            index = position[project]
+            if index == len(fifo):
+                heapq.heappop(turns)
+                continue
+            position[project] = index + 1
+            entry = fifo[index]
+            if self.reservation is not None:
+                # Every job looked at behind the reservation counts, skipped or not.
+                self.backfill_seen += 1
+                if self.backfill_seen > self.backfill_depth:
+                    return False
+                if entry.group in self.done:
+                    continue
+            if self._decide(entry.job, entry.group):
+                heapq.heapreplace(turns, (self._standing(project), project))
+            if self.finished:
+                return False
+            if self.only_short_jobs_can_start:
+                self.only_short_jobs_can_start = False
+                short = self._short_jobs()
+                if short is not None:
+                    self._backfill(short)
+                    return False
+        return True
+
+    def _short_jobs(self) -> list[JobRequest] | None:
+        """The queued jobs that end before the reservation starts, in queue order (by priority
+        and submission), if there are few; None if too many to be worth listing."""
+        window = self._window()
+        found: list[JobRequest] = []
+        jobs = self.queue._jobs
+        for group in self.groups:
+            if group not in self.misfits.covered:
+                short = self.queue._groups[group].ending_within(window)
+                if len(found) + len(short) > _SEARCH_BREADTH:
+                    return None
+                found.extend(jobs[job_id] for *_, job_id in short)
+        found.sort(key=lambda job: (-job.priority, job.submitted_at, job.job_id))
+        return found
+
+    def _backfill(self, short: list[JobRequest]) -> None:
+        """Start what fits of these jobs, each of which ends before the reservation starts."""
+        placed = {placement.job_id for placement in self.placements}
+        for job in short:
+            group = job._group
+            if job.job_id in placed or self.misfits.cover(
+                group, job.millicores_per_node, job.memory_mib_per_node
+            ):
+                continue
+            nodes = _choose_nodes(self.rule, job, self.work, self.demand, {})
+            if nodes is None:
+                self._misfit(job, group, anywhere=True)
+                if self.finished:
+                    return
+            else:
+                self._place(job, nodes, backfilled=True, outlives_reservation=False)
+
+    def _decide(self, job: JobRequest, group: _Group) -> bool:
+        """Place `job` now if it may start; True if it did."""
+        cpu, memory = job.millicores_per_node, job.memory_mib_per_node
+        reservation = self.reservation
+        if reservation is None:
+            # The first job that cannot start now gets the reservation, unless it could not
+            # start even if every running job ended (then the next one does).
+            if self.stalled_misfits.cover(group, cpu, memory):
+                return False
+            if not self.misfits.cover(group, cpu, memory):
+                nodes = _choose_nodes(self.rule, job, self.work, self.demand, {})
+                if nodes is not None:
+                    self._place(job, nodes, backfilled=False, outlives_reservation=False)
+                    return True
+                self._misfit(job, group, anywhere=True)
+            self._reserve_for(job, group)
+            return False
+        if self.misfits.cover(group, cpu, memory):
+            return False
+        estimate = job.runtime_estimate_s
+        ends_in_time = (
+            estimate is not None
+            and reservation.starts_at is not None
+            and self.now + estimate <= reservation.starts_at
+        )
+        if ends_in_time:
+            nodes = _choose_nodes(self.rule, job, self.work, self.demand, {})
+            if nodes is None:
+                self._misfit(job, group, anywhere=True)
+        elif self.misfits_outside_holds.cover(group, cpu, memory):
+            return False
+        else:
+            nodes = _choose_nodes(self.rule, job, self.work, self.demand, self._outside_holds())
+            if nodes is None:
+                self._misfit(job, group, anywhere=False)
+        if nodes is None:
+            return False
+        self._place(job, nodes, backfilled=True, outlives_reservation=not ends_in_time)
+        return True
+
+    def _misfit(self, job: JobRequest, group: _Group, *, anywhere: bool) -> None:
+        """Remember that `job` did not fit (`anywhere`, or outside what the reservation holds)
+        and which other requests of its group cannot."""
+        self._learn_misfits(group, (job.millicores_per_node, job.memory_mib_per_node), anywhere)
+        self._take_stock()
+
+    def _learn_misfits(
+        self, group: _Group, failed: tuple[int, int] | None, anywhere: bool, *, eager: bool = False
+    ) -> None:
+        """Work out which requests of `group` cannot fit anywhere, and outside the holds;
+        `failed`: a request that just failed (anywhere, or only outside the holds). `eager`:
+        no job failed; skip what only matters to jobs that end before the reservation if the
+        group has none."""
+        cheapest = self.cheapest[group]
+        if not (eager and self.queue._groups[group].shortest() > self._window()):
+            unfit = _unfit_requests(group, self.work, {}, cheapest, failed if anywhere else None)
+            self.misfits.add(group, unfit)
+            self.misfits_outside_holds.add(group, unfit)
+        if self.holds:
+            outside = self._outside_holds()
+            unfit = _unfit_requests(group, self.work, outside, cheapest, failed)
+            self.misfits_outside_holds.add(group, unfit)
+
+    def _reserve_for(self, job: JobRequest, group: _Group) -> None:
+        reserved = _reserve(self.rule, job, self.work, self.now)
+        if reserved is None:
+            # What the drained cluster cannot hold, a job asking more cannot get either.
+            self.stalled_misfits.add(group, [(job.millicores_per_node, job.memory_mib_per_node)])
+            usable = self.state._usable
+            reason = _shortfall(
+                job,
+                list(self.state._agents.values()),
+                lambda agent: len(usable[agent.agent_id]),
+                "GPUs free of foreign processes",
+            )
+            self.stalled.append(
+                Stalled(job.job_id, reason or "cannot start even if every running job ends")
+            )
+        else:
+            self.reservation, self.holds = reserved
+            # Learn now what each group cannot get, rather than walk the queue to meet its jobs.
+            for other in self.groups:
+                if other not in self.misfits_outside_holds.covered:
+                    self._learn_misfits(other, None, anywhere=False, eager=True)
+        self._take_stock()
+
+    def _take_stock(self) -> None:
+        """After learning what cannot fit: is the pass over, or are short jobs all that may
+        still start?"""
+        self.finished = self._nothing_fits()
+        self.only_short_jobs_can_start = (
+            not self.finished
+            and self.reservation is not None
+            and len(self.misfits_outside_holds.covered) == len(self.groups)
+        )
+
+    def _outside_holds(self) -> dict[str, _Free]:
+        """What the reserved agents can lend to jobs that run past the reservation's start."""
+        if self._outside is None:
+            self._outside = {}
+            for agent_id, hold in self.holds.items():
+                free = self.work.free[agent_id]
+                self._outside[agent_id] = _Free(
+                    free.gpus - hold.gpus,
+                    min(free.millicores, hold.spare_millicores),
+                    min(free.memory_mib, hold.spare_memory_mib),
+                )
+        return self._outside
+
+    def _place(
+        self,
+        job: JobRequest,
+        nodes: tuple[NodeAssignment, ...],
+        *,
+        backfilled: bool,
+        outlives_reservation: bool,
+    ) -> None:
+        for node in nodes:
+            self.work.occupy(job, node, self.now)
+            hold = self.holds.get(node.agent_id)
+            if hold is not None and outlives_reservation:
+                hold.spare_millicores -= job.millicores_per_node
+                hold.spare_memory_mib -= job.memory_mib_per_node
+        self._outside = None
+        self.placements.append(Placement(job, nodes, backfilled))
+        charge = self.state.fair_share.expected_charge(job.gpus, job.runtime_estimate_s)
+        self.usage[job.project] = self.usage.get(job.project, 0.0) + charge
+
+    def _window(self) -> float:
+        """How long a job may run and still end before the reservation starts."""
+        starts_at = None if self.reservation is None else self.reservation.starts_at
+        return -math.inf if starts_at is None else starts_at - self.now
+
+    def _nothing_fits(self) -> bool:
+        """Whether no job left in the queue can start this pass (and which groups are done)."""
+        if self.reservation is None:
+            # Walk on to find the job that gets the reservation, unless none could get one.
+            return len(self.stalled_misfits.covered) == len(self.groups)
+        # Only a job that ends before the reservation starts may use what it holds.
+        window = self._window()
+        covered, outside = self.misfits.covered, self.misfits_outside_holds.covered
+        groups = self.queue._groups
+        self.done = {
+            group
+            for group in self.groups
+            if group in covered or (group in outside and groups[group].shortest() > window)
+        }
+        return len(self.done) == len(self.groups)
+
+
+# --- the policies -------------------------------------------------------------------------------
+
+#: A scheduling policy: one pass over the queue at `now`.
+Policy: TypeAlias = Callable[[ClusterState, JobQueue | Iterable[JobRequest], float], Decisions]
+
+
+def _as_queue(queue: JobQueue | Iterable[JobRequest]) -> JobQueue:
+    return queue if isinstance(queue, JobQueue) else JobQueue(queue)
+
+
+def schedule(
+    state: ClusterState,
+    queue: JobQueue | Iterable[JobRequest],
+    now: float,
+    *,
+    backfill_depth: int = DEFAULT_BACKFILL_DEPTH,
+) -> Decisions:
+    """One pass: place what may start now, choosing GPUs that leave the fewest holes."""
+    return _Pass(_LEAST_FRAGMENTING, state, _as_queue(queue), now, backfill_depth).run()
+
+
+def best_fit(
+    state: ClusterState,
+    queue: JobQueue | Iterable[JobRequest],
+    now: float,
+    *,
+    backfill_depth: int = DEFAULT_BACKFILL_DEPTH,
+) -> Decisions:
+    """The baseline: as `schedule`, but each node goes where the fewest free GPUs are left."""
+    return _Pass(_BEST_FIT, state, _as_queue(queue), now, backfill_depth).run()
+
+
+def first_fit(
+    state: ClusterState,
+    queue: JobQueue | Iterable[JobRequest],
+    now: float,
+    *,
+    backfill_depth: int = DEFAULT_BACKFILL_DEPTH,
+) -> Decisions:
+    """The baseline: as `schedule`, but each node goes to the first agent (by id) with room."""
+    return _Pass(_FIRST_FIT, state, _as_queue(queue), now, backfill_depth).run()
+
+
+def stranded_gpus(state: ClusterState, queue: JobQueue) -> int:
+    """Free GPUs that no queued job could use for want of GPUs, CPU or memory beside them.
+
+    Optimistic (each queued size at its cheapest; gangs, capabilities and exclusions ignored),
+    and 0 when nothing waits: idle GPUs with an empty queue are not fragmentation.
+    """
+    if not len(queue):
+        return 0
+    demand = _demand(queue._cheapest())
+    stranded = 0
+    for count, agent_ids in state._by_free.items():
+        for agent_id in agent_ids if count else ():
+            free = state._free[agent_id]
+            stranded += demand.unusable(count, free.millicores, free.memory_mib)
+    return stranded
