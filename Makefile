@@ -49,6 +49,7 @@ demo: install ## the platform's main job on one machine
 bench: install ## benchmarks; they print each figure beside its baseline
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/trigger.py
+	$(BIN)/python bench/placement.py
 
 docs: install ## regenerate docs/events.md from the event registry
 	$(BIN)/python -m ciuic_common.events > docs/events.md
