@@ -581,25 +581,23 @@ class ClusterState:
 
     @contextlib.contextmanager
     def _reindexing(self, allocations: Iterable[Allocation]) -> Iterator[None]:
-        """Take the agents of `allocations` out of the indexes while their resources change."""
+        """Bring the indexes up to date with the resources of the agents of `allocations`,
+        which change inside the block."""
         agent_ids = sorted(
             {node.agent_id for allocation in allocations for node in allocation.nodes}
         )
         # A batch that touches many agents (a first pass on an idle cluster) is cheaper to
         # index afresh than agent by agent.
-        afresh = len(agent_ids) * 8 > len(self._agents)
-        if afresh:
-            self._by_free.clear()
-            self._ready.clear()
-            self._ready_of.clear()
-        else:
-            for agent_id in agent_ids:
-                self._unindex(agent_id)
-        yield
-        if not afresh:
-            for agent_id in agent_ids:
-                self._index(agent_id)
+        if len(agent_ids) * 8 <= len(self._agents):
+            before = {a: (len(self._free[a].gpus), self._ready_of[a]) for a in agent_ids}
+            yield
+            for agent_id, (free_before, ready_before) in before.items():
+                self._reindex(agent_id, free_before, ready_before)
             return
+        yield
+        self._by_free.clear()
+        self._ready.clear()
+        self._ready_of.clear()
         for agent_id in self._agents:
             self._by_free.setdefault(len(self._free[agent_id].gpus), []).append(agent_id)
             ready = _gpu_ready_times(
@@ -625,6 +623,25 @@ class ClusterState:
         _remove_sorted(self._by_free[len(self._free[agent_id].gpus)], agent_id)
         for count, at in enumerate(self._ready_of.pop(agent_id), start=1):
             _remove_sorted(self._ready[count], (at, agent_id))
+
+    def _reindex(self, agent_id: str, free_before: int, ready_before: tuple[float, ...]) -> None:
+        """Move the agent in the indexes, touching only the entries that changed (a job that
+        ends or starts changes a few of its ready times, not all)."""
+        free_now = len(self._free[agent_id].gpus)
+        if free_now != free_before:
+            _remove_sorted(self._by_free[free_before], agent_id)
+            bisect.insort(self._by_free.setdefault(free_now, []), agent_id)
+        ready = _gpu_ready_times(
+            self._free[agent_id], self._releases[agent_id], self._usable[agent_id]
+        )
+        self._ready_of[agent_id] = ready
+        changes = itertools.zip_longest(ready_before, ready)
+        for count, (was, now) in enumerate(changes, start=1):
+            if was != now:
+                if was is not None:
+                    _remove_sorted(self._ready[count], (was, agent_id))
+                if now is not None:
+                    bisect.insort(self._ready.setdefault(count, []), (now, agent_id))
 
 
 def _with_release(releases: tuple[_Release, ...], release: _Release) -> tuple[_Release, ...]:
@@ -1123,39 +1140,44 @@ def _choose_nodes(
 
 
 def _unfit_requests(
-    group: _Group,
-    work: _Workspace,
-    overrides: Mapping[str, _Free],
-    cheapest: tuple[int, int],
-    failed: tuple[int, int] | None,
-) -> list[tuple[int, int]]:
-    """The least (CPU, memory) requests that no job of `group` can get now: the inner corners
-    of the staircase of what the agents with enough free GPUs have left (`cheapest`: the least
-    any job of the group asks). For a gang, only the request that `failed`, if any."""
+    groups: Mapping[_Group, tuple[int, int]], work: _Workspace, overrides: Mapping[str, _Free]
+) -> dict[_Group, list[tuple[int, int]] | None]:
+    """Per group, the least (CPU, memory) requests that none of its jobs can get now: the inner
+    corners of the staircase of what the agents with enough free GPUs have left (`groups` maps
+    each to the least any of its jobs asks). None for a gang that some agents may fit: which
+    sets of agents fit a gang is no staircase."""
     state = work.state
-    least_cpu, least_memory = cheapest
-    offers: list[tuple[int, int]] = []  # (CPU, memory) beside enough free GPUs, per agent
-    hosts = 0
-    for agent_id, free in overrides.items():
-        if _can_host_gpus(group, agent_id, free, state):
-            hosts += 1
-            if free.millicores >= least_cpu and free.memory_mib >= least_memory:
-                offers.append((free.millicores, free.memory_mib))
     free_now = work.free
-    any_agent = group.capability is None and not group.excluded_agents
-    for agent_id in _Rule.scan(_BEST_FIT, work, group.gpus_per_node):
-        free = free_now[agent_id]
-        if agent_id not in overrides and (
-            any_agent or _can_host_gpus(group, agent_id, free, state)
-        ):
-            hosts += 1
-            # Agents left without the CPU or memory for any job of the group count for nothing.
-            if free.millicores >= least_cpu and free.memory_mib >= least_memory:
-                offers.append((free.millicores, free.memory_mib))
-    if hosts < group.nodes or not offers:
-        return [(0, 0)]  # nothing of this group fits
-    if group.nodes > 1:
-        return [failed] if failed else []  # which sets of agents fit a gang is no staircase
+    unfit: dict[_Group, list[tuple[int, int]] | None] = {}
+    for group, (least_cpu, least_memory) in groups.items():
+        offers: list[tuple[int, int]] = []  # (CPU, memory) beside enough free GPUs, per agent
+        hosts = 0
+        for agent_id, free in overrides.items():
+            if _can_host_gpus(group, agent_id, free, state):
+                hosts += 1
+                if free.millicores >= least_cpu and free.memory_mib >= least_memory:
+                    offers.append((free.millicores, free.memory_mib))
+        any_agent = group.capability is None and not group.excluded_agents
+        for agent_id in _Rule.scan(_BEST_FIT, work, group.gpus_per_node):
+            if agent_id in overrides:
+                continue
+            free = free_now[agent_id]
+            if any_agent or _can_host_gpus(group, agent_id, free, state):
+                hosts += 1
+                # An agent without the CPU or memory for any job of the group counts for nothing.
+                if free.millicores >= least_cpu and free.memory_mib >= least_memory:
+                    offers.append((free.millicores, free.memory_mib))
+        if hosts < group.nodes or not offers:
+            unfit[group] = [(0, 0)]  # nothing of this group fits
+        elif group.nodes > 1:
+            unfit[group] = None
+        else:
+            unfit[group] = _staircase_corners(offers)
+    return unfit
+
+
+def _staircase_corners(offers: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The least (CPU, memory) requests that no (CPU, memory) offer covers."""
     offers.sort(reverse=True)
     staircase: list[tuple[int, int]] = []  # CPU descending, memory ascending
     for offer in offers:
@@ -1317,7 +1339,7 @@ class _Pass:
         """Place what fits of one priority level, projects by fair share; False: pass is over."""
         # Each project's jobs in submission order, the project furthest below its share first.
         # A project's standing changes only when it gets a placement, so it keeps its turn
-        # while its jobs do not fit.
+        # (the inner loop) while its jobs do not start.
         turns = [(self._standing(project), project) for project in projects]
         heapq.heapify(turns)
         position = dict.fromkeys(projects, 0)
@@ -1325,28 +1347,31 @@ class _Pass:
             project = turns[0][1]
             fifo = projects[project]
             index = position[project]
-            if index == len(fifo):
-                heapq.heappop(turns)
-                continue
-            position[project] = index + 1
-            entry = fifo[index]
-            if self.reservation is not None:
-                # Every job looked at behind the reservation counts, skipped or not.
-                self.backfill_seen += 1
-                if self.backfill_seen > self.backfill_depth:
+            started = False
+            while index < len(fifo) and not started:
+                entry = fifo[index]
+                index += 1
+                if self.reservation is not None:
+                    # Every job looked at behind the reservation counts, skipped or not.
+                    self.backfill_seen += 1
+                    if self.backfill_seen > self.backfill_depth:
+                        return False
+                    if entry.group in self.done:
+                        continue
+                started = self._decide(entry.job, entry.group)
+                if self.finished:
                     return False
-                if entry.group in self.done:
-                    continue
-            if self._decide(entry.job, entry.group):
+                if self.only_short_jobs_can_start:
+                    self.only_short_jobs_can_start = False
+                    short = self._short_jobs()
+                    if short is not None:
+                        self._backfill(short)
+                        return False
+            position[project] = index
+            if started:
                 heapq.heapreplace(turns, (self._standing(project), project))
-            if self.finished:
-                return False
-            if self.only_short_jobs_can_start:
-                self.only_short_jobs_can_start = False
-                short = self._short_jobs()
-                if short is not None:
-                    self._backfill(short)
-                    return False
+            else:
+                heapq.heappop(turns)
         return True
 
     def _short_jobs(self) -> list[JobRequest] | None:
@@ -1427,22 +1452,40 @@ class _Pass:
         self._learn_misfits(group, (job.millicores_per_node, job.memory_mib_per_node), anywhere)
         self._take_stock()
 
-    def _learn_misfits(
-        self, group: _Group, failed: tuple[int, int] | None, anywhere: bool, *, eager: bool = False
-    ) -> None:
+    def _learn_misfits(self, group: _Group, failed: tuple[int, int], anywhere: bool) -> None:
         """Work out which requests of `group` cannot fit anywhere, and outside the holds;
-        `failed`: a request that just failed (anywhere, or only outside the holds). `eager`:
-        no job failed; skip what only matters to jobs that end before the reservation if the
-        group has none."""
-        cheapest = self.cheapest[group]
-        if not (eager and self.queue._groups[group].shortest() > self._window()):
-            unfit = _unfit_requests(group, self.work, {}, cheapest, failed if anywhere else None)
-            self.misfits.add(group, unfit)
-            self.misfits_outside_holds.add(group, unfit)
+        `failed` just failed (`anywhere`, or only outside the holds)."""
+        only = {group: self.cheapest[group]}
+        unfit = _unfit_requests(only, self.work, {})[group]
+        if unfit is None:  # a gang: only what failed is known
+            unfit = [failed] if anywhere else []
+        self.misfits.add(group, unfit)
+        self.misfits_outside_holds.add(group, unfit)
         if self.holds:
-            outside = self._outside_holds()
-            unfit = _unfit_requests(group, self.work, outside, cheapest, failed)
-            self.misfits_outside_holds.add(group, unfit)
+            unfit = _unfit_requests(only, self.work, self._outside_holds())[group]
+            self.misfits_outside_holds.add(group, [failed] if unfit is None else unfit)
+
+    def _learn_all_misfits(self) -> None:
+        """Work out at once what each group cannot get, rather than walk the queue to meet its
+        jobs: outside the holds, and anywhere for groups with jobs short enough to matter."""
+        window = self._window()
+        outside = {
+            group: least
+            for group, least in self.cheapest.items()
+            if group not in self.misfits_outside_holds.covered
+        }
+        anywhere = {
+            group: least
+            for group, least in outside.items()
+            if self.queue._groups[group].shortest() <= window
+        }
+        if anywhere:
+            for group, unfit in _unfit_requests(anywhere, self.work, {}).items():
+                self.misfits.add(group, unfit or [])
+                self.misfits_outside_holds.add(group, unfit or [])
+        if outside:
+            for group, unfit in _unfit_requests(outside, self.work, self._outside_holds()).items():
+                self.misfits_outside_holds.add(group, unfit or [])
 
     def _reserve_for(self, job: JobRequest, group: _Group) -> None:
         reserved = _reserve(self.rule, job, self.work, self.now)
@@ -1461,10 +1504,7 @@ class _Pass:
             )
         else:
             self.reservation, self.holds = reserved
-            # Learn now what each group cannot get, rather than walk the queue to meet its jobs.
-            for other in self.groups:
-                if other not in self.misfits_outside_holds.covered:
-                    self._learn_misfits(other, None, anywhere=False, eager=True)
+            self._learn_all_misfits()
         self._take_stock()
 
     def _take_stock(self) -> None:
