@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -94,7 +95,11 @@ def job(
 
 
 def running(
-    job_id: str, nodes: dict[str, Sequence[int]], *, ends_at: float | None, project: str = "vision"
+    job_id: str,
+    nodes: Mapping[str, Sequence[int]],
+    *,
+    ends_at: float | None,
+    project: str = "vision",
 ) -> Allocation:
     return Allocation(
         job_id,
@@ -129,9 +134,9 @@ def busy_except(agent_id: str, free: Iterable[int], gpus: int = 8) -> dict[str, 
         {"runtime_estimate_s": float("inf")},
     ],
 )
-def test_a_malformed_job_request_is_refused(fields: dict[str, float]) -> None:
+def test_a_malformed_job_request_is_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument):
-        JobRequest("j", "vision", **fields)  # type: ignore[arg-type]
+        JobRequest("j", "vision", **fields)
 
 
 def test_an_agent_with_overlapping_interconnect_groups_is_refused() -> None:
@@ -491,6 +496,19 @@ def test_an_agent_whose_free_gpus_share_a_group_is_preferred() -> None:
     assert placed(schedule(state, [job("j", gpus=4)], now=0)) == {"j": [("b", (4, 5, 6, 7))]}
 
 
+def test_across_agents_a_tighter_fit_outranks_staying_in_one_nvlink_group() -> None:
+    # a: 4 free split 2+2 across groups, filled exactly; b: 6 free, 4 of them in one group.
+    # Leaving b's 6 whole packs better than keeping this job in one group (bench/placement.py).
+    state = ClusterState(
+        [agent("a", groups=NVLINK), agent("b", groups=NVLINK)],
+        [
+            running("ra", {"a": [2, 3, 6, 7]}, ends_at=None),
+            running("rb", {"b": [0, 1]}, ends_at=None),
+        ],
+    )
+    assert placed(schedule(state, [job("j", gpus=4)], now=0)) == {"j": [("a", (0, 1, 4, 5))]}
+
+
 def test_a_small_job_takes_the_fullest_group_and_keeps_a_whole_group_free() -> None:
     state = ClusterState([agent("a", groups=NVLINK)], [running("r", {"a": [0, 1]}, ends_at=None)])
     assert placed(schedule(state, [job("j", gpus=2)], now=0)) == {"j": [("a", (2, 3))]}
@@ -507,7 +525,7 @@ def test_best_fit_takes_the_agent_left_with_the_fewest_free_gpus() -> None:
 def test_equal_candidates_are_broken_by_agent_id() -> None:
     state = ClusterState([agent(name) for name in "dcba"])
     for policy in POLICIES:
-        assert placed(policy(state, [job("j", gpus=2)], now=0)) == {"j": [("a", (0, 1))]}
+        assert placed(policy(state, [job("j", gpus=2)], 0)) == {"j": [("a", (0, 1))]}
 
 
 # --- cluster state, queue and usage -----------------------------------------------------------
@@ -762,7 +780,7 @@ def simulate(
     start, every pass's decisions, and each project's GPU-seconds (clipped at `until`)."""
     starts: dict[str, float] = {}
     passes = []
-    gpu_seconds: Counter[str] = Counter()
+    gpu_seconds: dict[str, float] = defaultdict(float)
     ends: list[tuple[float, str]] = []
     now = 0.0
     while now <= until:

@@ -17,10 +17,13 @@ One scheduling pass (`schedule`) walks the queue in order and places every job t
   job ended (agents lost, GPUs held by foreign processes) is reported as stalled and does not
   block the jobs behind it.
 - GPU choice (`schedule`): among agents that can host a node, prefer the placement that leaves
-  the fewest GPUs unusable for the sizes still queued (GPUs, CPU and memory together), then GPUs
-  within as few interconnect (NVLink) groups as the agent's topology allows, then best fit (the
-  fewest free GPUs left on the agent), then agent id and GPU indices. `best_fit` and `first_fit`
-  are the textbook baselines with the same queue order and backfill.
+  the fewest GPUs unusable for the sizes still queued (GPUs, CPU and memory together), then best
+  fit (the fewest free GPUs left on the agent), then GPUs within as few interconnect (NVLink)
+  groups as the agent's topology allows, then agent id. On the chosen agent the GPUs come from
+  as few groups as possible, the fullest group that holds them first. (Best fit goes before the
+  group preference across agents: the other way round spreads jobs over emptier agents to stay
+  in one group and strands more GPUs than plain best fit; see bench/placement.py.) `best_fit`
+  and `first_fit` are the textbook baselines with the same queue order and backfill.
 
 `ClusterState` and `JobQueue` are in-memory indexes the scheduler changes as jobs start, end and
 agents come and go; a pass only reads them. They keep agents bucketed by free-GPU count and, per
@@ -77,6 +80,8 @@ DEFAULT_BACKFILL_DEPTH = 1000
 _SEARCH_BREADTH = 64
 
 _NEVER = math.inf  # the end of a job of unknown length
+
+_MEMO_LIMIT = 100_000  # answers a demand remembers before it starts afresh
 
 _Number = TypeVar("_Number", int, float)
 
@@ -366,6 +371,10 @@ class ClusterState:
         # GPU count g -> sorted (time at which the agent will have g GPUs free, agent id)
         self._ready: dict[int, list[tuple[float, str]]] = {}
         self._ready_of: dict[str, tuple[float, ...]] = {}
+        # Agents with a GPU free, by the CPU and by the memory free beside it: finds the few
+        # agents that can host a request without wading through those stranded without either.
+        self._by_cpu: list[tuple[int, str]] = []
+        self._by_memory: list[tuple[int, str]] = []
         self._allocations: dict[str, Allocation] = {}
         self._usage = {
             project: Usage(used, 0, usage_as_of) for project, used in (usage or {}).items()
@@ -589,7 +598,7 @@ class ClusterState:
         # A batch that touches many agents (a first pass on an idle cluster) is cheaper to
         # index afresh than agent by agent.
         if len(agent_ids) * 8 <= len(self._agents):
-            before = {a: (len(self._free[a].gpus), self._ready_of[a]) for a in agent_ids}
+            before = {a: (self._free[a], self._ready_of[a]) for a in agent_ids}
             yield
             for agent_id, (free_before, ready_before) in before.items():
                 self._reindex(agent_id, free_before, ready_before)
@@ -598,8 +607,14 @@ class ClusterState:
         self._by_free.clear()
         self._ready.clear()
         self._ready_of.clear()
+        self._by_cpu.clear()
+        self._by_memory.clear()
         for agent_id in self._agents:
-            self._by_free.setdefault(len(self._free[agent_id].gpus), []).append(agent_id)
+            free = self._free[agent_id]
+            self._by_free.setdefault(len(free.gpus), []).append(agent_id)
+            if free.gpus:
+                self._by_cpu.append((free.millicores, agent_id))
+                self._by_memory.append((free.memory_mib, agent_id))
             ready = _gpu_ready_times(
                 self._free[agent_id], self._releases[agent_id], self._usable[agent_id]
             )
@@ -609,9 +624,15 @@ class ClusterState:
         for index in (self._by_free, self._ready):
             for entries in index.values():
                 entries.sort()
+        self._by_cpu.sort()
+        self._by_memory.sort()
 
     def _index(self, agent_id: str) -> None:
-        bisect.insort(self._by_free.setdefault(len(self._free[agent_id].gpus), []), agent_id)
+        free = self._free[agent_id]
+        bisect.insort(self._by_free.setdefault(len(free.gpus), []), agent_id)
+        if free.gpus:
+            bisect.insort(self._by_cpu, (free.millicores, agent_id))
+            bisect.insort(self._by_memory, (free.memory_mib, agent_id))
         ready = _gpu_ready_times(
             self._free[agent_id], self._releases[agent_id], self._usable[agent_id]
         )
@@ -620,17 +641,22 @@ class ClusterState:
             bisect.insort(self._ready.setdefault(count, []), (at, agent_id))
 
     def _unindex(self, agent_id: str) -> None:
-        _remove_sorted(self._by_free[len(self._free[agent_id].gpus)], agent_id)
+        free = self._free[agent_id]
+        _remove_sorted(self._by_free[len(free.gpus)], agent_id)
+        if free.gpus:
+            _remove_sorted(self._by_cpu, (free.millicores, agent_id))
+            _remove_sorted(self._by_memory, (free.memory_mib, agent_id))
         for count, at in enumerate(self._ready_of.pop(agent_id), start=1):
             _remove_sorted(self._ready[count], (at, agent_id))
 
-    def _reindex(self, agent_id: str, free_before: int, ready_before: tuple[float, ...]) -> None:
+    def _reindex(self, agent_id: str, before: _Free, ready_before: tuple[float, ...]) -> None:
         """Move the agent in the indexes, touching only the entries that changed (a job that
         ends or starts changes a few of its ready times, not all)."""
-        free_now = len(self._free[agent_id].gpus)
-        if free_now != free_before:
-            _remove_sorted(self._by_free[free_before], agent_id)
-            bisect.insort(self._by_free.setdefault(free_now, []), agent_id)
+        free = self._free[agent_id]
+        if len(free.gpus) != len(before.gpus):
+            _remove_sorted(self._by_free[len(before.gpus)], agent_id)
+            bisect.insort(self._by_free.setdefault(len(free.gpus), []), agent_id)
+        _move_rich(self._by_cpu, self._by_memory, agent_id, before, free)
         ready = _gpu_ready_times(
             self._free[agent_id], self._releases[agent_id], self._usable[agent_id]
         )
@@ -644,13 +670,31 @@ class ClusterState:
                     bisect.insort(self._ready.setdefault(count, []), (now, agent_id))
 
 
+def _move_rich(
+    by_cpu: list[tuple[int, str]],
+    by_memory: list[tuple[int, str]],
+    agent_id: str,
+    before: _Free,
+    after: _Free,
+) -> None:
+    """Keep an agent's place in the by-CPU and by-memory indexes of agents with a GPU free."""
+    if before.gpus and (not after.gpus or before.millicores != after.millicores):
+        _remove_sorted(by_cpu, (before.millicores, agent_id))
+    if after.gpus and (not before.gpus or before.millicores != after.millicores):
+        bisect.insort(by_cpu, (after.millicores, agent_id))
+    if before.gpus and (not after.gpus or before.memory_mib != after.memory_mib):
+        _remove_sorted(by_memory, (before.memory_mib, agent_id))
+    if after.gpus and (not before.gpus or before.memory_mib != after.memory_mib):
+        bisect.insort(by_memory, (after.memory_mib, agent_id))
+
+
 def _with_release(releases: tuple[_Release, ...], release: _Release) -> tuple[_Release, ...]:
     ordered = list(releases)
     bisect.insort(ordered, release)
     return tuple(ordered)
 
 
-_Sortable = TypeVar("_Sortable", str, tuple[float, str], tuple[float, float, str])
+_Sortable = TypeVar("_Sortable", str, tuple[int, str], tuple[float, str], tuple[float, float, str])
 
 
 def _remove_sorted(items: list[_Sortable], item: _Sortable) -> None:
@@ -863,7 +907,7 @@ def _topology(groups: tuple[tuple[int, ...], ...], usable: frozenset[int]) -> _T
     fewest = [0]
     for used, size in enumerate(sizes, start=1):
         fewest.extend([used] * size)
-    return _Topology(MappingProxyType(group_of), tuple(fewest))
+    return _Topology(group_of, tuple(fewest))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -925,6 +969,9 @@ class _Demand:
         key = (gpus, millicores, memory_mib)
         left = self._unusable.get(key)
         if left is None:
+            if len(self._unusable) > _MEMO_LIMIT:  # free CPU and memory take endless values
+                self._unusable.clear()
+                self._packed.clear()
             left = self._unusable[key] = gpus - self._packable(gpus, millicores, memory_mib, 0)
         return left
 
@@ -948,8 +995,8 @@ class _Demand:
         return best
 
 
-# A candidate's rank (lower is better): GPUs made unusable, extra interconnect groups, free GPUs
-# left on the agent, agent id. The baselines use only the parts they know.
+# A candidate's rank (lower is better): GPUs made unusable, free GPUs left on the agent, extra
+# interconnect groups, agent id. The baselines use only the parts they know.
 _Rank: TypeAlias = tuple[int, int, int, str]
 
 
@@ -965,10 +1012,10 @@ class _Rule:
     def rank(
         self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
     ) -> tuple[_Rank, tuple[int, ...], bool]:
-        """The candidate's rank, its GPUs, and whether no other candidate can beat it by more
-        than its free-GPU count and agent id (then the scan can stop)."""
+        """The candidate's rank, its GPUs, and whether it is ideal: no candidate later in
+        `scan` order can rank better, so the scan may stop."""
         left = len(free.gpus) - job.gpus_per_node
-        return (0, 0, left, agent_id), self.pick(free.gpus, job.gpus_per_node, agent_id, work), True
+        return (0, left, 0, agent_id), self.pick(free.gpus, job.gpus_per_node, agent_id, work), True
 
     def pick(
         self, free: frozenset[int], count: int, agent_id: str, work: _Workspace
@@ -997,7 +1044,7 @@ class _FirstFit(_Rule):
 
 
 class _LeastFragmenting(_Rule):
-    """Fewest GPUs made unusable, then one interconnect group, then best fit, then id."""
+    """Fewest GPUs made unusable, then best fit, then fewest interconnect groups, then id."""
 
     def rank(
         self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
@@ -1018,7 +1065,7 @@ class _LeastFragmenting(_Rule):
         # a negative figure would only be the packing's approximation.
         made_unusable = max(made_unusable, 0)
         ideal = made_unusable == 0 and extra_groups == 0
-        return (made_unusable, extra_groups, left, agent_id), gpus, ideal
+        return (made_unusable, left, extra_groups, agent_id), gpus, ideal
 
     def pick(
         self, free: frozenset[int], count: int, agent_id: str, work: _Workspace
@@ -1041,8 +1088,12 @@ class _Workspace:
     def __init__(self, state: ClusterState) -> None:
         self.state = state
         self.free = dict(state._free)
-        self.by_free = dict(state._by_free)  # lists shared with the state until this pass writes
+        # Lists shared with the state until this pass writes to them.
+        self.by_free = dict(state._by_free)
         self._owned: set[int] = set()
+        self.by_cpu = state._by_cpu
+        self.by_memory = state._by_memory
+        self._owns_rich = False
         #: What the jobs this pass placed will release, per agent.
         self.added: dict[str, list[_Release]] = {}
 
@@ -1051,6 +1102,19 @@ class _Workspace:
         added = self.added.get(agent_id)
         releases = self.state._releases[agent_id]
         return releases if added is None else tuple(sorted((*releases, *added)))
+
+    def with_room(self, millicores: int, memory_mib: int) -> list[tuple[int, str]] | None:
+        """Agents with a GPU free and at least this CPU (or this memory) free, whichever are
+        fewer; None when too many to look at one by one (scan by free GPUs instead)."""
+        by_cpu, by_memory = self.by_cpu, self.by_memory
+        cpu_from = bisect.bisect_left(by_cpu, (millicores, ""))
+        memory_from = bisect.bisect_left(by_memory, (memory_mib, ""))
+        fewest = min(len(by_cpu) - cpu_from, len(by_memory) - memory_from)
+        if fewest > _SEARCH_BREADTH:
+            return None
+        if len(by_cpu) - cpu_from == fewest:
+            return by_cpu[cpu_from:]
+        return by_memory[memory_from:]
 
     def occupy(self, job: JobRequest, node: NodeAssignment, now: float) -> None:
         agent_id = node.agent_id
@@ -1063,6 +1127,10 @@ class _Workspace:
         self.free[agent_id] = left
         _remove_sorted(self._writable(len(free.gpus)), agent_id)
         bisect.insort(self._writable(len(left.gpus)), agent_id)
+        if not self._owns_rich:
+            self.by_cpu, self.by_memory = list(self.by_cpu), list(self.by_memory)
+            self._owns_rich = True
+        _move_rich(self.by_cpu, self.by_memory, agent_id, free, left)
         estimate = job.runtime_estimate_s
         ends_at = _NEVER if estimate is None else now + estimate
         release = _Release(
@@ -1117,11 +1185,16 @@ def _choose_nodes(
     free_now = work.free
     ideal = 0
     enough = max(nodes, _SEARCH_BREADTH)
-    for agent_id in rule.scan(work, job.gpus_per_node):
+    # When few agents have the CPU or the memory the job asks, rank them all; otherwise scan
+    # in the rule's order and stop early.
+    rich = work.with_room(cpu, memory) if job.gpus_per_node else None
+    candidates = rule.scan(work, job.gpus_per_node) if rich is None else (a for _, a in rich)
+    for agent_id in candidates:
         free = free_now[agent_id]
         if (
             free.millicores < cpu
             or free.memory_mib < memory
+            or len(free.gpus) < job.gpus_per_node
             or agent_id in overrides
             or agent_id in excluded
             or (capability is not None and capability not in agents[agent_id].capabilities)
@@ -1130,7 +1203,7 @@ def _choose_nodes(
         rank, gpus, is_ideal = rule.rank(job, agent_id, free, work, demand)
         found.append((rank, gpus))
         ideal += is_ideal
-        if ideal >= nodes or len(found) >= enough:
+        if rich is None and (ideal >= nodes or len(found) >= enough):
             break
     if len(found) < nodes:
         return None
@@ -1143,48 +1216,55 @@ def _unfit_requests(
     groups: Mapping[_Group, tuple[int, int]], work: _Workspace, overrides: Mapping[str, _Free]
 ) -> dict[_Group, list[tuple[int, int]] | None]:
     """Per group, the least (CPU, memory) requests that none of its jobs can get now: the inner
-    corners of the staircase of what the agents with enough free GPUs have left (`groups` maps
-    each to the least any of its jobs asks). None for a gang that some agents may fit: which
-    sets of agents fit a gang is no staircase."""
+    corners of the skyline of what the agents with enough free GPUs have left (`groups` maps
+    each to the least any of its jobs asks; `overrides`: agents seen differently, as outside
+    the holds). None for a gang that some agents may fit: which sets fit a gang is no skyline."""
     state = work.state
-    free_now = work.free
     unfit: dict[_Group, list[tuple[int, int]] | None] = {}
     for group, (least_cpu, least_memory) in groups.items():
-        offers: list[tuple[int, int]] = []  # (CPU, memory) beside enough free GPUs, per agent
-        hosts = 0
-        for agent_id, free in overrides.items():
-            if _can_host_gpus(group, agent_id, free, state):
-                hosts += 1
-                if free.millicores >= least_cpu and free.memory_mib >= least_memory:
-                    offers.append((free.millicores, free.memory_mib))
-        any_agent = group.capability is None and not group.excluded_agents
-        for agent_id in _Rule.scan(_BEST_FIT, work, group.gpus_per_node):
-            if agent_id in overrides:
-                continue
-            free = free_now[agent_id]
-            if any_agent or _can_host_gpus(group, agent_id, free, state):
-                hosts += 1
-                # An agent without the CPU or memory for any job of the group counts for nothing.
-                if free.millicores >= least_cpu and free.memory_mib >= least_memory:
-                    offers.append((free.millicores, free.memory_mib))
-        if hosts < group.nodes or not offers:
+        hosts = [
+            free
+            for agent_id, free in overrides.items()
+            if _can_host_gpus(group, agent_id, free, state)
+        ]
+        rich = work.with_room(least_cpu, least_memory) if group.gpus_per_node else None
+        if rich is None:
+            agent_ids: Iterable[str] = _Rule.scan(_BEST_FIT, work, group.gpus_per_node)
+        else:
+            agent_ids = (agent_id for _, agent_id in rich)
+        for agent_id in agent_ids:
+            free = work.free[agent_id]
+            if agent_id not in overrides and _can_host_gpus(group, agent_id, free, state):
+                hosts.append(free)
+        # Agents without the CPU or memory for any job of the group count for nothing.
+        offers = [
+            (free.millicores, free.memory_mib)
+            for free in hosts
+            if free.millicores >= least_cpu and free.memory_mib >= least_memory
+        ]
+        if not offers:
             unfit[group] = [(0, 0)]  # nothing of this group fits
         elif group.nodes > 1:
-            unfit[group] = None
+            unfit[group] = None if len(offers) >= group.nodes else [(0, 0)]
         else:
-            unfit[group] = _staircase_corners(offers)
+            unfit[group] = _corners(_skyline(offers))
     return unfit
 
 
-def _staircase_corners(offers: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The least (CPU, memory) requests that no (CPU, memory) offer covers."""
-    offers.sort(reverse=True)
-    staircase: list[tuple[int, int]] = []  # CPU descending, memory ascending
-    for offer in offers:
-        if not staircase or offer[1] > staircase[-1][1]:
-            staircase.append(offer)
-    corners = [(staircase[0][0] + 1, 0), (0, staircase[-1][1] + 1)]
-    for (_, less_memory), (less_cpu, _) in itertools.pairwise(staircase):
+def _skyline(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (CPU, memory) points no other point beats in both, CPU descending."""
+    points.sort(reverse=True)
+    skyline: list[tuple[int, int]] = []
+    for point in points:
+        if not skyline or point[1] > skyline[-1][1]:
+            skyline.append(point)
+    return skyline
+
+
+def _corners(skyline: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The least (CPU, memory) requests that no point of `skyline` (CPU descending) covers."""
+    corners = [(skyline[0][0] + 1, 0), (0, skyline[-1][1] + 1)]
+    for (_, less_memory), (less_cpu, _) in itertools.pairwise(skyline):
         corners.append((less_cpu + 1, less_memory + 1))
     return corners
 
@@ -1420,7 +1500,9 @@ class _Pass:
                 if nodes is not None:
                     self._place(job, nodes, backfilled=False, outlives_reservation=False)
                     return True
-                self._misfit(job, group, anywhere=True)
+                # What else of the group cannot fit is worked out with the reservation.
+                self.misfits.add(group, [(cpu, memory)])
+                self.misfits_outside_holds.add(group, [(cpu, memory)])
             self._reserve_for(job, group)
             return False
         if self.misfits.cover(group, cpu, memory):
@@ -1484,7 +1566,8 @@ class _Pass:
                 self.misfits.add(group, unfit or [])
                 self.misfits_outside_holds.add(group, unfit or [])
         if outside:
-            for group, unfit in _unfit_requests(outside, self.work, self._outside_holds()).items():
+            unfits = _unfit_requests(outside, self.work, self._outside_holds())
+            for group, unfit in unfits.items():
                 self.misfits_outside_holds.add(group, unfit or [])
 
     def _reserve_for(self, job: JobRequest, group: _Group) -> None:
