@@ -26,11 +26,13 @@ One scheduling pass (`schedule`) walks the queue in order and places every job t
   and `first_fit` are the textbook baselines with the same queue order and backfill.
 
 `ClusterState` and `JobQueue` are in-memory indexes the scheduler changes as jobs start, end and
-agents come and go; a pass only reads them. They keep agents bucketed by free-GPU count and, per
-GPU count, sorted by when that many GPUs will be free, so a decision looks at a handful of agents
-rather than the whole cluster. Jobs that differ only in CPU and memory form a group; a pass
-remembers which requests of a group failed to fit (asking more of both cannot fit either: a pass
-only takes resources), skips the jobs they cover, and stops when they cover every group.
+agents come and go; a pass only reads them (and works on a private copy of what it changes).
+They keep agents bucketed by free-GPU count, sorted by the CPU and the memory free beside their
+GPUs, and, per GPU count, by when that many GPUs will be free, so a decision or a reservation
+looks at a handful of agents rather than the whole cluster. Jobs that differ only in CPU and
+memory form a group; a pass works out which requests of a group cannot fit (asking more of both
+cannot fit either: a pass only takes resources), skips the jobs they cover, and stops when they
+cover every group, so it does not walk a long queue of jobs that cannot start.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ __all__ = [
 #: bounds a pass on a long queue of jobs that cannot start now.
 DEFAULT_BACKFILL_DEPTH = 1000
 
-#: Candidate agents a decision scores per node when none is ideal (leaves no hole, spans no
-#: extra group); the best of them wins. Bounds a decision on a large, fragmented cluster.
+#: How many candidates a pass weighs one by one: a decision ranks at most this many agents when
+#: none is ideal (leaves no hole, spans no extra group), and ranks every agent that has the CPU
+#: or the memory a job asks when there are no more than this; a pass lists the jobs short
+#: enough to backfill onto a reservation's holds when there are no more than this.
 _SEARCH_BREADTH = 64
 
 _NEVER = math.inf  # the end of a job of unknown length
