@@ -16,6 +16,7 @@ from ciuic_common.events import (
     STREAMS,
     Event,
     JobAssigned,
+    JobWork,
     MetricPoint,
     MetricsBatch,
     event_for_subject,
@@ -26,12 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The contract other services build on; a change here is a change of the bus contract.
 EXPECTED = {
+    "agent.lost": ("ciuic.agent.lost", "JOBS"),
     "agent.registered": ("ciuic.agent.registered", "JOBS"),
     "alert.changed": ("ciuic.alert.changed", "ALERTS"),
     "data.version.ready": ("ciuic.data.version.ready", "DATA"),
     "deploy.rollout.changed": ("ciuic.deploy.rollout.changed", "DEPLOY"),
     "heartbeat.agent": ("ciuic.heartbeat.agent.{agent_id}", None),
+    "job.accepted": ("ciuic.job.accepted", "JOBS"),
     "job.assigned": ("ciuic.job.assigned.{agent_id}", "JOBS"),
+    "job.changed": ("ciuic.job.changed", "JOBS"),
     "job.finished": ("ciuic.job.finished", "JOBS"),
     "job.started": ("ciuic.job.started", "JOBS"),
     "job.stop": ("ciuic.job.stop.{job_id}", "JOBS"),
@@ -42,7 +46,11 @@ EXPECTED = {
     "pipeline.requested": ("ciuic.pipeline.requested", "PIPELINES"),
     "run.created": ("ciuic.run.created", "PIPELINES"),
     "run.finished": ("ciuic.run.finished", "PIPELINES"),
+    "run.stage.changed": ("ciuic.run.stage.changed", "PIPELINES"),
 }
+
+
+WORK = JobWork(kind="job", name="setup", repository="r", commit="c" * 40)
 
 
 def test_every_event_type_with_its_subject_and_stream() -> None:
@@ -67,7 +75,7 @@ def test_domain_streams_keep_events_and_batch_streams_are_bounded() -> None:
 
 
 def test_key_segments_are_filled_from_the_event() -> None:
-    event = JobAssigned(agent_id="gpu-host-3", run_id="r1", job_id="j1")
+    event = JobAssigned(agent_id="gpu-host-3", run_id="r1", job_id="j1", work=WORK)
     assert event.subject_for() == "ciuic.job.assigned.gpu-host-3"
     assert JobAssigned.wildcard_subject() == "ciuic.job.assigned.*"
     assert JobAssigned.wildcard_subject(agent_id="a1") == "ciuic.job.assigned.a1"
@@ -77,7 +85,7 @@ def test_key_segments_are_filled_from_the_event() -> None:
 
 def test_a_key_that_would_break_the_subject_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot be a subject segment"):
-        JobAssigned(agent_id="a.b", run_id="r", job_id="j").subject_for()
+        JobAssigned(agent_id="a.b", run_id="r", job_id="j", work=WORK).subject_for()
 
 
 def test_a_second_declaration_of_an_event_name_is_an_error() -> None:
@@ -108,7 +116,7 @@ def test_metric_values_round_trip_including_nan_and_inf(value: float) -> None:
 
 
 def test_every_event_carries_id_time_and_schema_version() -> None:
-    a, b = (JobAssigned(agent_id="a", run_id="r", job_id="j") for _ in range(2))
+    a, b = (JobAssigned(agent_id="a", run_id="r", job_id="j", work=WORK) for _ in range(2))
     assert a.event_id != b.event_id
     assert a.occurred_at.tzinfo is not None
     assert a.schema_version == 1

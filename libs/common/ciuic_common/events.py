@@ -233,6 +233,30 @@ class RunCreated(Event):
     repository: str
     commit: str
     ref: str
+    pipeline: str | None = Field(default=None, description="the pipeline's name, if it has one")
+    stages: list[str] = Field(default_factory=list, description="stage names in order")
+    trials: int = Field(default=0, description="trials of the training sweep")
+
+
+StageState = Literal["pending", "waiting", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class RunStageChanged(Event):
+    """A stage of a run changed state. A stage that another service carries out (data,
+    packaging, deployment) is `waiting` with `service` named: that service acts on this event."""
+
+    subject = "ciuic.run.stage.changed"
+    stream = STREAMS["PIPELINES"]
+
+    run_id: str
+    stage: str
+    stage_kind: Literal["job", "data", "training", "validation", "packaging", "deployment"]
+    state: StageState
+    service: str | None = Field(default=None, description="the service the stage waits for")
+    reason: str | None = None
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="what the service needs (datasets, the best model)"
+    )
 
 
 class RunFinished(Event):
@@ -249,6 +273,58 @@ class RunFinished(Event):
 # ---------------------------------------------------------------------------------------------
 # Jobs and agents: scheduler <-> gpu_agent
 # ---------------------------------------------------------------------------------------------
+class GpuProcess(BaseModel):
+    """A process NVML shows on a GPU; `job_id` is set when the agent started it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pid: int
+    used_memory_mib: int = 0
+    job_id: str | None = None
+
+
+class GpuInfo(BaseModel):
+    """One GPU as NVML reports it (live fields are refreshed by every heartbeat)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+
+    index: int
+    uuid: str = ""
+    model: str = ""
+    memory_total_mib: int = 0
+    memory_used_mib: int = 0
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+
+    @property
+    def busy_foreign(self) -> bool:
+        """Processes we did not start hold this GPU: it is not offered to jobs."""
+        return any(p.job_id is None for p in self.processes)
+
+
+class Inventory(BaseModel):
+    """What an agent's host has and offers. Simulated inventories say so."""
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
+
+    hostname: str = ""
+    #: Where other agents reach this one (torchrun rendezvous of multi-node jobs).
+    address: str = "127.0.0.1"
+    simulated: bool = False
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    #: GPU indices linked by a fast interconnect (NVLink), as NVML reports topology.
+    interconnect_groups: list[list[int]] = Field(default_factory=list)
+    #: CPU (millicores) and memory the agent offers jobs; CPU slots when it has no GPU.
+    millicores: int = 0
+    memory_mib: int = 0
+    capabilities: list[str] = Field(default_factory=list, description="ddp, horovod, ...")
+    python_versions: list[str] = Field(default_factory=list)
+    cpu_pct: float | None = None
+    memory_used_mib: int | None = None
+
+
 class AgentRegistered(Event):
     """An agent came up and described its host."""
 
@@ -258,7 +334,9 @@ class AgentRegistered(Event):
     agent_id: str
     hostname: str
     simulated: bool = False
-    inventory: dict[str, Any] = Field(default_factory=dict)
+    inventory: Inventory = Field(default_factory=Inventory)
+    #: Jobs it was running when it (re)started, as `job_id` (it reports each as finished/lost).
+    running_jobs: list[str] = Field(default_factory=list)
 
 
 class AgentHeartbeat(Event):
@@ -268,11 +346,53 @@ class AgentHeartbeat(Event):
     stream = None
 
     agent_id: str
-    inventory: dict[str, Any] = Field(default_factory=dict)
+    inventory: Inventory = Field(default_factory=Inventory)
+    running_jobs: list[str] = Field(default_factory=list)
+
+
+class AgentLost(Event):
+    """The scheduler heard nothing from an agent for too long; its jobs were requeued."""
+
+    subject = "ciuic.agent.lost"
+    stream = STREAMS["JOBS"]
+
+    agent_id: str
+    silent_for_s: float
+    jobs: list[str] = Field(default_factory=list)
+
+
+class JobWork(BaseModel):
+    """What an agent runs for one node of a job: the code, the steps, the environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["job", "trial", "validation"]
+    #: The job's name in the pipeline (`setup`, `training`, `quick-check`).
+    name: str
+    repository: str
+    commit: str
+    ref: str = ""
+    #: Steps as the pipeline file gives them (`run:` and `cache:` entries), in order.
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    container: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = None
+    strategy: Literal["ddp", "horovod", "none"] = "none"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    #: Rank 0's host and a port for torchrun's rendezvous (multi-node jobs).
+    rendezvous: str | None = None
+    #: Where the job's outputs go: `s3://<bucket>/runs/<run_id>/<job_id>/`.
+    output_prefix: str | None = None
+    #: A checkpoint to start from (a retry's own last one, or the best trial's for validation).
+    init_checkpoint: str | None = None
+    #: Dataset name -> version id, resolved by the data stage.
+    datasets: dict[str, str] = Field(default_factory=dict)
 
 
 class JobAssigned(Event):
-    """Command: run this job on this agent."""
+    """Command: run node `node_rank` of this job on this agent (attempt `attempt`)."""
 
     subject = "ciuic.job.assigned.{agent_id}"
     stream = STREAMS["JOBS"]
@@ -281,12 +401,27 @@ class JobAssigned(Event):
     agent_id: str
     run_id: str
     job_id: str
+    attempt: int = 1
+    node_rank: int = 0
     gpus: list[int] = Field(default_factory=list)
-    job: dict[str, Any] = Field(default_factory=dict, description="what to run")
+    work: JobWork
+
+
+class JobAccepted(Event):
+    """An agent acknowledged an assignment; without it in time the job is placed elsewhere."""
+
+    subject = "ciuic.job.accepted"
+    stream = STREAMS["JOBS"]
+
+    run_id: str
+    job_id: str
+    agent_id: str
+    attempt: int = 1
+    node_rank: int = 0
 
 
 class JobStarted(Event):
-    """An agent started a job."""
+    """An agent started a job's process."""
 
     subject = "ciuic.job.started"
     stream = STREAMS["JOBS"]
@@ -294,10 +429,16 @@ class JobStarted(Event):
     run_id: str
     job_id: str
     agent_id: str
+    attempt: int = 1
+    node_rank: int = 0
+
+
+JobOutcome = Literal["succeeded", "failed", "stopped", "timed_out", "lost"]
 
 
 class JobFinished(Event):
-    """A job ended, with its outcome and a summary of every metric it logged."""
+    """A node of a job ended, with its outcome and a summary of every metric it logged
+    (`last`, `min`, `max`, `count`, and `avg_last_k` for the objective metric)."""
 
     subject = "ciuic.job.finished"
     stream = STREAMS["JOBS"]
@@ -305,10 +446,31 @@ class JobFinished(Event):
     run_id: str
     job_id: str
     agent_id: str
-    outcome: Literal["succeeded", "failed", "stopped", "timed_out", "lost"]
+    attempt: int = 1
+    node_rank: int = 0
+    outcome: JobOutcome
     exit_code: int | None = None
     reason: str | None = None
+    stopped_by: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    artifacts: list[str] = Field(default_factory=list)
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+class JobChanged(Event):
+    """The scheduler moved a job (queued, assigned, running, retried, ended, cancelled)."""
+
+    subject = "ciuic.job.changed"
+    stream = STREAMS["JOBS"]
+
+    run_id: str
+    job_id: str
+    stage: str
+    state: str
+    attempt: int = 1
+    agents: list[str] = Field(default_factory=list)
+    reason: str | None = None
 
 
 class JobStop(Event):
@@ -321,6 +483,8 @@ class JobStop(Event):
     job_id: str
     requested_by: str
     reason: str
+    #: Only this attempt (an assignment that was re-placed); None stops whatever runs.
+    attempt: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------

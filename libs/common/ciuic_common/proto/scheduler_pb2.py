@@ -22,15 +22,57 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from ciuic_common.proto import common_pb2 as ciuic_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63iuic/v1/scheduler.proto\x12\x08\x63iuic.v12\x12\n\x10SchedulerServiceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63iuic/v1/scheduler.proto\x12\x08\x63iuic.v1\x1a\x15\x63iuic/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\t\x12\x0b\n\x03ref\x18\x04 \x01(\t\x12\x10\n\x08pipeline\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x06stages\x18\n \x03(\x0b\x32\x0f.ciuic.v1.Stage\x12\x1b\n\x04jobs\x18\x0b \x03(\x0b\x32\r.ciuic.v1.Job\x12\x12\n\nbest_trial\x18\x0c \x01(\x05\x12\x0e\n\x06pusher\x18\r \x01(\t\"\xdc\x01\n\x05Stage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05needs\x18\x06 \x03(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0ftimeout_seconds\x18\t \x01(\x01\"F\n\x07JobNode\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0c\n\x04gpus\x18\x03 \x03(\x05\x12\r\n\x05state\x18\x04 \x01(\t\"\xfc\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x13\n\x0bmax_retries\x18\t \x01(\x05\x12\r\n\x05nodes\x18\n \x01(\x05\x12\x15\n\rgpus_per_node\x18\x0b \x01(\x05\x12\r\n\x05trial\x18\x0c \x01(\x05\x12$\n\tplacement\x18\r \x03(\x0b\x32\x11.ciuic.v1.JobNode\x12\x17\n\x0f\x65xcluded_agents\x18\x0e \x03(\t\x12-\n\tqueued_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\texit_code\x18\x12 \x01(\x05\x12\x15\n\rhas_exit_code\x18\x13 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x14 \x01(\t\x12\x12\n\nstopped_by\x18\x15 \x01(\t\x12\x11\n\tartifacts\x18\x16 \x03(\t\"\x93\x01\n\x05Trial\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x14\n\x0chparams_json\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tobjective\x18\x05 \x01(\x01\x12\x15\n\rhas_objective\x18\x06 \x01(\x08\x12\x0c\n\x04\x62\x65st\x18\x07 \x01(\x08\x12\x0e\n\x06reason\x18\x08 \x01(\t\"Y\n\x0fListRunsRequest\x12#\n\x04page\x18\x01 \x01(\x0b\x32\x15.ciuic.v1.PageRequest\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\"U\n\x10ListRunsResponse\x12\x1b\n\x04runs\x18\x01 \x03(\x0b\x32\r.ciuic.v1.Run\x12$\n\x04page\x18\x02 \x01(\x0b\x32\x16.ciuic.v1.PageResponse\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"H\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"g\n\x0fListJobsRequest\x12#\n\x04page\x18\x01 \x01(\x0b\x32\x15.ciuic.v1.PageRequest\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\"U\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.ciuic.v1.Job\x12$\n\x04page\x18\x02 \x01(\x0b\x32\x16.ciuic.v1.PageResponse\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"F\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crequested_by\x18\x03 \x01(\t\"#\n\x11ListTrialsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\\\n\x12ListTrialsResponse\x12\x1f\n\x06trials\x18\x01 \x03(\x0b\x32\x0f.ciuic.v1.Trial\x12\x11\n\tobjective\x18\x02 \x01(\t\x12\x12\n\nbest_trial\x18\x03 \x01(\x05\"\xcb\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10memory_total_mib\x18\x04 \x01(\x03\x12\x17\n\x0fmemory_used_mib\x18\x05 \x01(\x03\x12\x17\n\x0futilization_pct\x18\x06 \x01(\x01\x12\x15\n\rtemperature_c\x18\x07 \x01(\x01\x12\x0f\n\x07power_w\x18\x08 \x01(\x01\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\x14\n\x0c\x62usy_foreign\x18\n \x01(\x08\"\xb7\x02\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x1b\n\x04gpus\x18\x05 \x03(\x0b\x32\r.ciuic.v1.Gpu\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x12\n\nmillicores\x18\x07 \x01(\x03\x12\x12\n\nmemory_mib\x18\x08 \x01(\x03\x12\x31\n\rregistered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04jobs\x18\x0b \x03(\t\x12\x0f\n\x07\x63pu_pct\x18\x0c \x01(\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\r \x01(\t\")\n\x11ListAgentsRequest\x12\x14\n\x0cinclude_lost\x18\x01 \x01(\x08\"5\n\x12ListAgentsResponse\x12\x1f\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0f.ciuic.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t2\xb2\x04\n\x10SchedulerService\x12\x41\n\x08ListRuns\x12\x19.ciuic.v1.ListRunsRequest\x1a\x1a.ciuic.v1.ListRunsResponse\x12\x30\n\x06GetRun\x12\x17.ciuic.v1.GetRunRequest\x1a\r.ciuic.v1.Run\x12\x36\n\tCancelRun\x12\x1a.ciuic.v1.CancelRunRequest\x1a\r.ciuic.v1.Run\x12\x41\n\x08ListJobs\x12\x19.ciuic.v1.ListJobsRequest\x1a\x1a.ciuic.v1.ListJobsResponse\x12\x30\n\x06GetJob\x12\x17.ciuic.v1.GetJobRequest\x1a\r.ciuic.v1.Job\x12\x32\n\x07StopJob\x12\x18.ciuic.v1.StopJobRequest\x1a\r.ciuic.v1.Job\x12G\n\nListTrials\x12\x1b.ciuic.v1.ListTrialsRequest\x1a\x1c.ciuic.v1.ListTrialsResponse\x12G\n\nListAgents\x12\x1b.ciuic.v1.ListAgentsRequest\x1a\x1c.ciuic.v1.ListAgentsResponse\x12\x36\n\x08GetAgent\x12\x19.ciuic.v1.GetAgentRequest\x1a\x0f.ciuic.v1.Agentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ciuic_common.proto.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEDULERSERVICE']._serialized_start=38
-  _globals['_SCHEDULERSERVICE']._serialized_end=56
+  _globals['_RUN']._serialized_start=95
+  _globals['_RUN']._serialized_end=405
+  _globals['_STAGE']._serialized_start=408
+  _globals['_STAGE']._serialized_end=628
+  _globals['_JOBNODE']._serialized_start=630
+  _globals['_JOBNODE']._serialized_end=700
+  _globals['_JOB']._serialized_start=703
+  _globals['_JOB']._serialized_end=1211
+  _globals['_TRIAL']._serialized_start=1214
+  _globals['_TRIAL']._serialized_end=1361
+  _globals['_LISTRUNSREQUEST']._serialized_start=1363
+  _globals['_LISTRUNSREQUEST']._serialized_end=1452
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1454
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1539
+  _globals['_GETRUNREQUEST']._serialized_start=1541
+  _globals['_GETRUNREQUEST']._serialized_end=1572
+  _globals['_CANCELRUNREQUEST']._serialized_start=1574
+  _globals['_CANCELRUNREQUEST']._serialized_end=1646
+  _globals['_LISTJOBSREQUEST']._serialized_start=1648
+  _globals['_LISTJOBSREQUEST']._serialized_end=1751
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1753
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1838
+  _globals['_GETJOBREQUEST']._serialized_start=1840
+  _globals['_GETJOBREQUEST']._serialized_end=1871
+  _globals['_STOPJOBREQUEST']._serialized_start=1873
+  _globals['_STOPJOBREQUEST']._serialized_end=1943
+  _globals['_LISTTRIALSREQUEST']._serialized_start=1945
+  _globals['_LISTTRIALSREQUEST']._serialized_end=1980
+  _globals['_LISTTRIALSRESPONSE']._serialized_start=1982
+  _globals['_LISTTRIALSRESPONSE']._serialized_end=2074
+  _globals['_GPU']._serialized_start=2077
+  _globals['_GPU']._serialized_end=2280
+  _globals['_AGENT']._serialized_start=2283
+  _globals['_AGENT']._serialized_end=2594
+  _globals['_LISTAGENTSREQUEST']._serialized_start=2596
+  _globals['_LISTAGENTSREQUEST']._serialized_end=2637
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=2639
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=2692
+  _globals['_GETAGENTREQUEST']._serialized_start=2694
+  _globals['_GETAGENTREQUEST']._serialized_end=2729
+  _globals['_SCHEDULERSERVICE']._serialized_start=2732
+  _globals['_SCHEDULERSERVICE']._serialized_end=3294
 # @@protoc_insertion_point(module_scope)

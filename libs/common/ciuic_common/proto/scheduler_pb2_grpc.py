@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from ciuic_common.proto import scheduler_pb2 as ciuic_dot_v1_dot_scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,10 +27,13 @@ if _version_not_supported:
 
 class SchedulerServiceStub:
     """The owner of every pipeline run. It owns the `scheduler` schema: runs, stages, jobs, trials
-    and agents. Over gRPC it will serve runs (show, list, cancel), their jobs and sweep trials,
-    and the agents it places jobs on.
+    and agents. It turns a requested pipeline into a DAG of stages, expands the training sweep
+    into trials, places jobs on agents and follows them to their end.
 
-    Default port 50052. RPCs are added by the issues that implement them.
+    Reads are served by every replica; changes (cancel, stop) are recorded by whichever replica
+    receives them and carried out by the active one.
+
+    Default port 50052.
     """
 
     def __init__(self, channel):
@@ -38,19 +42,171 @@ class SchedulerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ListRuns = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/ListRuns',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/GetRun',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.Run.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/CancelRun',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.Run.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/ListJobs',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/GetJob',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.Job.FromString,
+                _registered_method=True)
+        self.StopJob = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/StopJob',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.StopJobRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListTrials = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/ListTrials',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListTrialsRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListTrialsResponse.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/ListAgents',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
+        self.GetAgent = channel.unary_unary(
+                '/ciuic.v1.SchedulerService/GetAgent',
+                request_serializer=ciuic_dot_v1_dot_scheduler__pb2.GetAgentRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_scheduler__pb2.Agent.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
     """The owner of every pipeline run. It owns the `scheduler` schema: runs, stages, jobs, trials
-    and agents. Over gRPC it will serve runs (show, list, cancel), their jobs and sweep trials,
-    and the agents it places jobs on.
+    and agents. It turns a requested pipeline into a DAG of stages, expands the training sweep
+    into trials, places jobs on agents and follows them to their end.
 
-    Default port 50052. RPCs are added by the issues that implement them.
+    Reads are served by every replica; changes (cancel, stop) are recorded by whichever replica
+    receives them and carried out by the active one.
+
+    Default port 50052.
     """
+
+    def ListRuns(self, request, context):
+        """Runs, newest first, optionally filtered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """A run with its stages and jobs. The id may be abbreviated to any unique prefix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """Stop every queued and running job of the run; the run ends `cancelled`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopJob(self, request, context):
+        """Ask the job's agents to stop it (SIGTERM, grace, SIGKILL), recording who asked and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrials(self, request, context):
+        """The trials of a run's sweep with their hyperparameters, objective and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListRunsRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.GetRunRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.Run.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.CancelRunRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.Run.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListJobsRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.GetJobRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.Job.SerializeToString,
+            ),
+            'StopJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopJob,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.StopJobRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.Job.SerializeToString,
+            ),
+            'ListTrials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrials,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListTrialsRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListTrialsResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.ListAgentsRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'GetAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgent,
+                    request_deserializer=ciuic_dot_v1_dot_scheduler__pb2.GetAgentRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_scheduler__pb2.Agent.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ciuic.v1.SchedulerService', rpc_method_handlers)
@@ -61,8 +217,254 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SchedulerService:
     """The owner of every pipeline run. It owns the `scheduler` schema: runs, stages, jobs, trials
-    and agents. Over gRPC it will serve runs (show, list, cancel), their jobs and sweep trials,
-    and the agents it places jobs on.
+    and agents. It turns a requested pipeline into a DAG of stages, expands the training sweep
+    into trials, places jobs on agents and follows them to their end.
 
-    Default port 50052. RPCs are added by the issues that implement them.
+    Reads are served by every replica; changes (cancel, stop) are recorded by whichever replica
+    receives them and carried out by the active one.
+
+    Default port 50052.
     """
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/ListRuns',
+            ciuic_dot_v1_dot_scheduler__pb2.ListRunsRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/GetRun',
+            ciuic_dot_v1_dot_scheduler__pb2.GetRunRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/CancelRun',
+            ciuic_dot_v1_dot_scheduler__pb2.CancelRunRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/ListJobs',
+            ciuic_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/GetJob',
+            ciuic_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/StopJob',
+            ciuic_dot_v1_dot_scheduler__pb2.StopJobRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/ListTrials',
+            ciuic_dot_v1_dot_scheduler__pb2.ListTrialsRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.ListTrialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/ListAgents',
+            ciuic_dot_v1_dot_scheduler__pb2.ListAgentsRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.SchedulerService/GetAgent',
+            ciuic_dot_v1_dot_scheduler__pb2.GetAgentRequest.SerializeToString,
+            ciuic_dot_v1_dot_scheduler__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from ciuic_common.proto import scheduler_pb2 as _scheduler_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -27,36 +28,139 @@ GRPC_VERSION: str
 
 class SchedulerServiceStub:
     """The owner of every pipeline run. It owns the `scheduler` schema: runs, stages, jobs, trials
-    and agents. Over gRPC it will serve runs (show, list, cancel), their jobs and sweep trials,
-    and the agents it places jobs on.
+    and agents. It turns a requested pipeline into a DAG of stages, expands the training sweep
+    into trials, places jobs on agents and follows them to their end.
 
-    Default port 50052. RPCs are added by the issues that implement them.
+    Reads are served by every replica; changes (cancel, stop) are recorded by whichever replica
+    receives them and carried out by the active one.
+
+    Default port 50052.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SchedulerServiceAsyncStub: ...
+    ListRuns: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListRunsRequest, _scheduler_pb2.ListRunsResponse]
+    """Runs, newest first, optionally filtered."""
+    GetRun: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetRunRequest, _scheduler_pb2.Run]
+    """A run with its stages and jobs. The id may be abbreviated to any unique prefix."""
+    CancelRun: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelRunRequest, _scheduler_pb2.Run]
+    """Stop every queued and running job of the run; the run ends `cancelled`."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]
+    GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]
+    StopJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StopJobRequest, _scheduler_pb2.Job]
+    """Ask the job's agents to stop it (SIGTERM, grace, SIGKILL), recording who asked and why."""
+    ListTrials: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListTrialsRequest, _scheduler_pb2.ListTrialsResponse]
+    """The trials of a run's sweep with their hyperparameters, objective and state."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListAgentsRequest, _scheduler_pb2.ListAgentsResponse]
+    GetAgent: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetAgentRequest, _scheduler_pb2.Agent]
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """The owner of every pipeline run. It owns the `scheduler` schema: runs, stages, jobs, trials
-    and agents. Over gRPC it will serve runs (show, list, cancel), their jobs and sweep trials,
-    and the agents it places jobs on.
+    and agents. It turns a requested pipeline into a DAG of stages, expands the training sweep
+    into trials, places jobs on agents and follows them to their end.
 
-    Default port 50052. RPCs are added by the issues that implement them.
+    Reads are served by every replica; changes (cancel, stop) are recorded by whichever replica
+    receives them and carried out by the active one.
+
+    Default port 50052.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    ListRuns: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListRunsRequest, _scheduler_pb2.ListRunsResponse]  # type: ignore[assignment]
+    """Runs, newest first, optionally filtered."""
+    GetRun: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetRunRequest, _scheduler_pb2.Run]  # type: ignore[assignment]
+    """A run with its stages and jobs. The id may be abbreviated to any unique prefix."""
+    CancelRun: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelRunRequest, _scheduler_pb2.Run]  # type: ignore[assignment]
+    """Stop every queued and running job of the run; the run ends `cancelled`."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]  # type: ignore[assignment]
+    GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
+    StopJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StopJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
+    """Ask the job's agents to stop it (SIGTERM, grace, SIGKILL), recording who asked and why."""
+    ListTrials: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListTrialsRequest, _scheduler_pb2.ListTrialsResponse]  # type: ignore[assignment]
+    """The trials of a run's sweep with their hyperparameters, objective and state."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListAgentsRequest, _scheduler_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    GetAgent: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetAgentRequest, _scheduler_pb2.Agent]  # type: ignore[assignment]
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The owner of every pipeline run. It owns the `scheduler` schema: runs, stages, jobs, trials
-    and agents. Over gRPC it will serve runs (show, list, cancel), their jobs and sweep trials,
-    and the agents it places jobs on.
+    and agents. It turns a requested pipeline into a DAG of stages, expands the training sweep
+    into trials, places jobs on agents and follows them to their end.
 
-    Default port 50052. RPCs are added by the issues that implement them.
+    Reads are served by every replica; changes (cancel, stop) are recorded by whichever replica
+    receives them and carried out by the active one.
+
+    Default port 50052.
     """
 
-    ...
+    @_abc_1.abstractmethod
+    def ListRuns(
+        self,
+        request: _scheduler_pb2.ListRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListRunsResponse, _abc.Awaitable[_scheduler_pb2.ListRunsResponse]]:
+        """Runs, newest first, optionally filtered."""
+
+    @_abc_1.abstractmethod
+    def GetRun(
+        self,
+        request: _scheduler_pb2.GetRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Run, _abc.Awaitable[_scheduler_pb2.Run]]:
+        """A run with its stages and jobs. The id may be abbreviated to any unique prefix."""
+
+    @_abc_1.abstractmethod
+    def CancelRun(
+        self,
+        request: _scheduler_pb2.CancelRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Run, _abc.Awaitable[_scheduler_pb2.Run]]:
+        """Stop every queued and running job of the run; the run ends `cancelled`."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _scheduler_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListJobsResponse, _abc.Awaitable[_scheduler_pb2.ListJobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _scheduler_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def StopJob(
+        self,
+        request: _scheduler_pb2.StopJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]:
+        """Ask the job's agents to stop it (SIGTERM, grace, SIGKILL), recording who asked and why."""
+
+    @_abc_1.abstractmethod
+    def ListTrials(
+        self,
+        request: _scheduler_pb2.ListTrialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListTrialsResponse, _abc.Awaitable[_scheduler_pb2.ListTrialsResponse]]:
+        """The trials of a run's sweep with their hyperparameters, objective and state."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _scheduler_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListAgentsResponse, _abc.Awaitable[_scheduler_pb2.ListAgentsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAgent(
+        self,
+        request: _scheduler_pb2.GetAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Agent, _abc.Awaitable[_scheduler_pb2.Agent]]: ...
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
