@@ -199,11 +199,14 @@ class Bus:
         retry: RetryPolicy | None = None,
         concurrency: int = 1,
         deliver_new_only: bool = False,
+        gate: asyncio.Event | None = None,
     ) -> None:
         """Call `handler` for every `event_type` on a durable consumer named `durable`.
 
         Replicas of a service share the durable name and so split the messages between them.
-        Add subscriptions before `start()`.
+        With a `gate`, the consumer fetches only while the gate is set (the active replica of a
+        service with one leader); clearing it hands back what was prefetched. Add subscriptions
+        before `start()`.
         """
         subject = event_type.wildcard_subject(**(keys or {}))
         if event_type.stream is None:
@@ -219,6 +222,7 @@ class Bus:
                 retry=retry or RetryPolicy(),
                 concurrency=concurrency,
                 deliver_new_only=deliver_new_only,
+                gate=gate,
             )
         )
 
@@ -275,8 +279,10 @@ class _PullConsumer:
         retry: RetryPolicy,
         concurrency: int,
         deliver_new_only: bool,
+        gate: asyncio.Event | None = None,
     ) -> None:
         assert event_type.stream is not None
+        self.gate = gate
         self.bus = bus
         self.event_type: type[Event] = event_type
         self.handler: Handler[Any] = handler
@@ -323,18 +329,27 @@ class _PullConsumer:
         pause = 0.5
         try:
             while not self._stopping:
+                if self.gate is not None and not self.gate.is_set():
+                    self._fetching = True  # nothing of ours in flight: stop() may cancel
+                    try:
+                        await self.gate.wait()
+                    finally:
+                        self._fetching = False
+                    continue
                 try:
                     self._fetching = True
                     messages = await sub.fetch(self.batch, timeout=5.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
+                    # Nothing to fetch. nats-py raises its own TimeoutError or, when the wait
+                    # expires between its two requests, asyncio's: both are this builtin.
                     continue
-                except nats.errors.Error as exc:
+                except (nats.errors.Error, OSError) as exc:
                     # NATS restarting, JetStream recovering (503), the consumer deleted (404):
                     # say so, back off, and bind again; never stop consuming silently.
                     log.warning("consumer_fetch_failed", consumer=self.durable, error=repr(exc))
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 15.0)
-                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
                         sub = await self._bind()
                     continue
                 finally:
@@ -353,8 +368,9 @@ class _PullConsumer:
     async def _dispatch(self, messages: list[Msg]) -> None:
         fetched = time.monotonic()
         for i, msg in enumerate(messages):
-            if self._stopping:
-                # Draining: give the rest back now, so another replica need not wait ack_wait.
+            if self._stopping or (self.gate is not None and not self.gate.is_set()):
+                # Draining or deposed: give the rest back now, so another replica need not wait
+                # ack_wait.
                 for rest in messages[i:]:
                     with contextlib.suppress(Exception):
                         await rest.nak()

@@ -314,6 +314,8 @@ class Inventory(BaseModel):
     address: str = "127.0.0.1"
     simulated: bool = False
     gpus: list[GpuInfo] = Field(default_factory=list)
+    #: Why the agent offers no GPU (no NVML library, no device): it offers CPU slots instead.
+    gpu_note: str | None = None
     #: GPU indices linked by a fast interconnect (NVLink), as NVML reports topology.
     interconnect_groups: list[list[int]] = Field(default_factory=list)
     #: CPU (millicores) and memory the agent offers jobs; CPU slots when it has no GPU.
@@ -438,7 +440,7 @@ JobOutcome = Literal["succeeded", "failed", "stopped", "timed_out", "lost"]
 
 class JobFinished(Event):
     """A node of a job ended, with its outcome and a summary of every metric it logged
-    (`last`, `min`, `max`, `count`, and `avg_last_k` for the objective metric)."""
+    (`last`, `min`, `max`, `count`, and `avg_last_k`, the mean of the last k points)."""
 
     subject = "ciuic.job.finished"
     stream = STREAMS["JOBS"]

@@ -94,11 +94,19 @@ class Service:
         keys: dict[str, str] | None = None,
         retry: RetryPolicy | None = None,
         concurrency: int = 1,
+        gate: asyncio.Event | None = None,
     ) -> None:
-        """Handle `event_type` on a durable consumer shared by this service's replicas."""
+        """Handle `event_type` on a durable consumer shared by this service's replicas (only
+        while `gate` is set, when given: see `Bus.subscribe`)."""
         durable = durable or f"{self.name}-{event_type.name.replace('.', '-')}"
         self.bus.subscribe(
-            event_type, handler, durable=durable, keys=keys, retry=retry, concurrency=concurrency
+            event_type,
+            handler,
+            durable=durable,
+            keys=keys,
+            retry=retry,
+            concurrency=concurrency,
+            gate=gate,
         )
 
     def add_grpc(self, register: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:

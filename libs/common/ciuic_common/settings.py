@@ -46,6 +46,8 @@ class S3Settings(CiuicSettings):
     s3_access_key: str = LOCAL_S3_ACCESS_KEY
     s3_secret_key: SecretStr = SecretStr(LOCAL_S3_SECRET_KEY)
     s3_region: str = "us-east-1"
+    #: The bucket of run artifacts: logs, checkpoints, outputs (`runs/<run_id>/<job_id>/`).
+    s3_bucket: str = "ciuic"
 
 
 class ServiceSettings(LoggingSettings, NatsSettings, DatabaseSettings, S3Settings):

@@ -3,10 +3,11 @@
     import ciuic
     ciuic.log({"training_loss": loss, "accuracy": acc}, step=step)
 
-Inside a ciuic job the agent passes a Unix socket in `CIUIC_METRICS_SOCKET`; each call writes one
-JSON line to it and the agent batches the points onto the bus (training code never touches the
-bus). Outside a job the variable is unset and `log` does nothing, so the same script runs on a
-laptop unchanged.
+Inside a ciuic job the agent passes a Unix socket in `CIUIC_METRICS_SOCKET`; each call adds one
+JSON line to a buffer the calling thread writes to the socket every 64 KiB or 100 ms (and at
+exit), and the agent batches the points onto the bus (training code never touches the bus).
+Outside a job the variable is unset and `log` does nothing, so the same script runs on a laptop
+unchanged.
 """
 
 from __future__ import annotations
