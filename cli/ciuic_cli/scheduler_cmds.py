@@ -176,6 +176,12 @@ def _short(identifier: str) -> str:
     return identifier[:8] or NONE
 
 
+def _job(job_id: str) -> str:
+    """A job's name within its run: its id is `<run_id>-<name>` (run ids have no dash), so the
+    name alone tells the jobs of one run apart where an id prefix would not."""
+    return job_id.partition("-")[2] or job_id or NONE
+
+
 def _number(value: Any) -> str:
     if value is None:
         return NONE
@@ -238,7 +244,7 @@ def _jobs_table(jobs: Sequence[scheduler_pb2.Job], title: str, *, with_run: bool
     for j in jobs:
         # One a line: a gang job spans many agents, and the table stays narrow.
         agents = "\n".join(dict.fromkeys(n.agent_id for n in j.placement if n.agent_id))
-        cells: list[str | Text] = [_short(j.id)]
+        cells: list[str | Text] = [escape(_job(j.id))]
         if with_run:
             cells.append(_short(j.run_id))
         cells += [
@@ -565,7 +571,7 @@ def trials(
         table.add_row(
             str(t.index), *cells, _state(t.state), objective,
             Text("★ best", style="bold green") if t.best else "",
-            _short(t.job_id), escape(t.reason),
+            escape(_job(t.job_id)), escape(t.reason),
             style="bold" if t.best else None,
         )  # fmt: skip
     out.print(table)
@@ -616,6 +622,11 @@ def agents_ls(
             util, _cores(a.millicores), _mib(a.memory_mib), _ago(a.last_seen_at), str(len(a.jobs)),
         )  # fmt: skip
     out.print(table)
+    if not response.agents:
+        out.print(
+            "[dim]no agent has registered yet: run `ciuic-gpu-agent` on each GPU host "
+            "(`--sim-gpus N` for a simulated inventory)[/dim]"
+        )
 
 
 def _agent_view(agent: scheduler_pb2.Agent) -> Group:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,3 +210,19 @@ def test_a_signed_push_becomes_a_requested_run_seen_through_the_cli(
     listed = json.loads(ciuic(env, "deliveries", "ls", "--json").stdout)["deliveries"]
     assert [d["status"] for d in listed] == ["requested", "requested"]
     assert [d["provider"] for d in listed] == ["manual", "github"]
+
+    # The scheduler made each request a run with the seed's DAG, shown through the CLI.
+    for _ in range(100):
+        runs = json.loads(ciuic(env, "runs", "ls", "--json").stdout)["runs"]
+        if len(runs) == 2:
+            break
+        time.sleep(0.1)
+    assert {r["commit"] for r in runs} == {after}
+    assert [s["name"] for s in runs[0]["stages"]] == [
+        "setup", "training", "quick-check", "thorough-eval", "packaging", "deployment",
+    ]  # fmt: skip
+    shown = ciuic(env, "runs", "show", runs[0]["id"][:8]).stdout
+    for stage in ("setup", "training", "quick-check", "thorough-eval", "packaging"):
+        assert stage in shown
+    trials = json.loads(ciuic(env, "trials", runs[0]["id"], "--json").stdout)["trials"]
+    assert len(trials) == 9

@@ -540,3 +540,24 @@ training:
     assert len(placed) == len(set(placed)) == 6, "each trial placed exactly once"
     done = sorted(f.job_id for f in ledger.finished)
     assert done == sorted({j.id for j in trials}), "each trial ran to its end exactly once"
+
+
+async def test_a_job_past_its_timeout_is_stopped_and_ends_timed_out(
+    nats_url: str, database_url: str
+) -> None:
+    spec = "training:\n  gpus_per_node: 1\n  timeout: 1s\n"
+    ledger = Ledger()
+    service = build(fast(nats_url, database_url, ack_timeout=1.0))
+    async with (
+        running(service),
+        api(service) as stub,
+        agents(nats_url, ledger, 1, duration=60.0),
+    ):
+        await request(nats_url, spec)
+        run = await eventually(
+            lambda: the_run(stub), lambda r: r is not None and r.state == "failed", 30, "timeout"
+        )
+    (job,) = run.jobs
+    assert (job.state, job.reason) == ("timed_out", "timed out after 1s")
+    (stop,) = ledger.stops
+    assert (stop.requested_by, stop.reason) == ("scheduler", "timed out after 1s")

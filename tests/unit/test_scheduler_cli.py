@@ -30,7 +30,7 @@ def ts(hh_mm_ss: str) -> Timestamp:
 
 
 WAITING_RUN = pb.Run(
-    id="3f9a1c2e5b7d4e6f8a0b1c2d3e4f5a6b",
+    id="3f9a1c2e5b7d",
     repository=REPO,
     ref="refs/heads/main",
     commit="a1b2c3d4e5f60718293a4b5c6d7e8f9012345678",
@@ -52,7 +52,7 @@ WAITING_RUN = pb.Run(
         pb.Stage(name="deploy", kind="deployment", state="pending", needs=["package"]),
     ],
     jobs=[
-        pb.Job(id="j-setup-0001", run_id="3f9a1c2e5b7d4e6f8a0b1c2d3e4f5a6b", stage="setup",
+        pb.Job(id="3f9a1c2e5b7d-setup", run_id="3f9a1c2e5b7d", stage="setup",
                kind="job", name="setup", state="succeeded", attempt=1, max_retries=2, nodes=1,
                gpus_per_node=0, started_at=ts("11:00:02"), finished_at=ts("11:01:05"),
                placement=[pb.JobNode(rank=0, agent_id="gpu-node-02", state="succeeded")]),
@@ -71,7 +71,7 @@ def _trial(index: int) -> pb.Trial:
     }
     trial = pb.Trial(
         index=index,
-        job_id=f"j-trial-{index:04d}-5e1f",
+        job_id=f"3f9a1c2e5b7d-trial-{index}",
         hparams_json=json.dumps(hparams),
         state="succeeded",
         objective=0.30 - 0.02 * index if index < 5 else 0.25 + 0.01 * index,
@@ -90,7 +90,7 @@ TRIALS = pb.ListTrialsResponse(
 )
 
 BEST_JOB = pb.Job(
-    id="j-trial-0004-5e1f",
+    id="3f9a1c2e5b7d-trial-4",
     run_id=SWEEP_RUN_ID,
     stage="training",
     kind="trial",
@@ -273,14 +273,15 @@ def test_run_show_says_what_a_waiting_stage_waits_for(ciuic: Ciuic) -> None:
     done = ciuic("runs", "show", "3f9a")
 
     assert done.exit_code == 0, done.output
-    assert "run 3f9a1c2e5b7d4e6f8a0b1c2d3e4f5a6b  running" in done.stdout
+    assert "run 3f9a1c2e5b7d  running" in done.stdout
     assert f"{REPO}@refs/heads/main a1b2c3d4e5" in done.stdout
     assert "waiting for data_versioner" in _row(done.stdout, "data")
     assert "58m 54s" in _row(done.stdout, "data")  # still waiting: counts up to now
     assert "1m 05s" in _row(done.stdout, "setup")
     assert "best trial" not in done.stdout
-    assert "1/3" in _row(done.stdout, "j-setup-")  # attempt 1 of max_retries + 1
-    assert "gpu-node-02" in _row(done.stdout, "j-setup-")
+    jobs = done.stdout.rsplit("jobs", 1)[1]  # the jobs table, after the stages table
+    assert "1/3" in _row(jobs, "setup")  # attempt 1 of max_retries + 1
+    assert "gpu-node-02" in _row(jobs, "setup")
 
 
 def test_run_show_asks_for_the_prefix_it_was_given(ciuic: Ciuic, scheduler: FakeScheduler) -> None:
@@ -322,8 +323,8 @@ def test_watch_follows_the_run_until_it_ends(
 
     assert done.exit_code == 0, done.output
     assert [r.run_id for r in scheduler.received("GetRun")] == ["3f9a"] + [WAITING_RUN.id] * 2
-    assert done.stdout.count("run 3f9a1c2e5b7d4e6f8a0b1c2d3e4f5a6b") == 1  # the final view only
-    assert "run 3f9a1c2e5b7d4e6f8a0b1c2d3e4f5a6b  succeeded" in done.stdout
+    assert done.stdout.count("run 3f9a1c2e5b7d") == 1  # the final view only
+    assert "run 3f9a1c2e5b7d  succeeded" in done.stdout
     assert "45m 00s" in done.stdout  # created 11:00, finished 11:45
     assert "best trial  4" in done.stdout
 
@@ -420,7 +421,7 @@ def test_jobs_ls_passes_its_filters_and_shows_shape_and_agents(
     (request,) = scheduler.received("ListJobs")
     assert (request.run_id, request.state, request.agent_id) == ("7c41", "succeeded", "sim-gpu-01")
     assert request.page.page_size == 20
-    row = _row(done.stdout, "j-trial-")
+    row = _row(done.stdout, "trial-4")
     for cell in ("7c41d09e", "training", "trial", "succeeded", "2/3", f"2{BY}4", "2h 03m"):
         assert cell in row
 
@@ -504,7 +505,7 @@ def test_agent_show_draws_each_gpu_and_flags_foreign_processes(ciuic: Ciuic) -> 
     busy = _row(done.stdout, "0")
     for cell in ("H100", "GPU-0c1b6f9", "███░░  62%", "60.0 / 79.6 GiB", "64 °C", "512 W"):
         assert cell in busy
-    assert "j-trial-" in busy
+    assert "3f9a1c2e" in busy
     assert "foreign process" in _row(done.stdout, "7")
     assert "foreign process" not in _row(done.stdout, "6")
 

@@ -152,6 +152,7 @@ def plan_run(pipeline: Pipeline) -> RunPlan:
                 inputs={
                     "objective": training.objective.model_dump(mode="json", exclude_none=True),
                     "max_concurrent_trials": training.max_concurrent_trials,
+                    "early_stopping": training.early_stopping is not None,
                 },
             )
         )

@@ -505,7 +505,11 @@ class Engine:
                 await self._queue(tx, fx, job)
             if all(j.state == "failed" for j in jobs[:limit]) and jobs:
                 return "failed", jobs[0].reason, {}
-            return "queued", f"{len(jobs)} trials, at most {limit} at once", {}
+            note = f"{len(jobs)} trials, at most {limit} at once"
+            if stage.inputs.get("early_stopping"):
+                # Said where people look rather than dropped silently.
+                note += "; early_stopping is not applied yet: every trial runs to its end"
+            return "queued", note, {}
         if stage.kind == "validation":
             (job,) = jobs
             best = self._best_of(stages)

@@ -428,7 +428,9 @@ async def overdue_stages(conn: Connection) -> list[StageRow]:
 
 async def jobs_of_run(conn: Connection, run_id: str) -> list[JobRow]:
     rows = await conn.fetch(
-        "SELECT * FROM jobs WHERE run_id = $1 ORDER BY stage, trial NULLS FIRST, id", run_id
+        """SELECT j.* FROM jobs j JOIN stages s ON s.run_id = j.run_id AND s.name = j.stage
+           WHERE j.run_id = $1 ORDER BY s.position, j.trial NULLS FIRST, j.id""",
+        run_id,
     )
     return [_job(r) for r in rows]
 
