@@ -18,7 +18,12 @@ import grpc
 import pytest
 
 from ciuic_common.bus import Bus
-from ciuic_common.events import DataVersionReady, PipelineRequested, RunStageChanged
+from ciuic_common.events import (
+    BaselineResolved,
+    DataVersionReady,
+    PipelineRequested,
+    RunStageChanged,
+)
 from ciuic_common.pipeline import load_pipeline
 from ciuic_common.proto import scheduler_pb2, scheduler_pb2_grpc
 from ciuic_common.rpc import channel
@@ -561,3 +566,58 @@ async def test_a_job_past_its_timeout_is_stopped_and_ends_timed_out(
     assert (job.state, job.reason) == ("timed_out", "timed out after 1s")
     (stop,) = ledger.stops
     assert (stop.requested_by, stop.reason) == ("scheduler", "timed out after 1s")
+
+
+async def test_a_gate_against_history_waits_for_the_baseline_and_fails_on_the_wrong_side(
+    nats_url: str, database_url: str
+) -> None:
+    spec = """
+training:
+  command: python train.py
+validation:
+  stages:
+    - {name: vs-history, dataset: full, timeout: 5m, gates: ["training_loss <= baseline + 0.05"]}
+"""
+
+    def metrics(_: Any) -> dict[str, dict[str, float]]:
+        return {"training_loss": {"last": 0.1, "min": 0.1, "max": 0.1, "count": 1.0}}
+
+    seen: list[RunStageChanged] = []
+    collector = Bus(nats_url, name="test-metrics-collector")
+
+    async def waiting(event: RunStageChanged) -> None:
+        if event.state == "waiting" and event.service == "metrics_collector":
+            seen.append(event)
+
+    collector.subscribe(RunStageChanged, waiting, durable="test-baseline-requests")
+    service = build(fast(nats_url, database_url))
+    async with (
+        running(service),
+        api(service) as stub,
+        agents(nats_url, Ledger(), 1, metrics=metrics),
+    ):
+        await collector.connect()
+        await collector.start()
+        await request(nats_url, spec)
+        await eventually(lambda: asyncio.sleep(0, seen), bool, 30, "the request for a baseline")
+        (asked,) = seen
+        assert asked.inputs["metrics"] == ["training_loss"]
+        assert asked.inputs["ref"] == "refs/heads/main"
+        await collector.publish(
+            BaselineResolved(
+                run_id=asked.run_id,
+                stage=asked.stage,
+                baseline_run_id="earlier",
+                baseline={"training_loss": 0.02},
+                reason="best earlier run on training_loss",
+            )
+        )
+        run = await eventually(
+            lambda: the_run(stub), lambda r: r is not None and r.state == "failed", 30, "the gate"
+        )
+    await collector.close()
+    stage = next(s for s in run.stages if s.name == "vs-history")
+    assert stage.state == "failed"
+    assert stage.reason == (
+        "training_loss <= baseline + 0.05 (training_loss=0.1, baseline=0.02): FAIL"
+    )

@@ -44,6 +44,7 @@ EXPECTED = {
     "model.registered": ("ciuic.model.registered", "MODELS"),
     "pipeline.rejected": ("ciuic.pipeline.rejected", "PIPELINES"),
     "pipeline.requested": ("ciuic.pipeline.requested", "PIPELINES"),
+    "run.baseline.resolved": ("ciuic.run.baseline.resolved", "PIPELINES"),
     "run.created": ("ciuic.run.created", "PIPELINES"),
     "run.finished": ("ciuic.run.finished", "PIPELINES"),
     "run.stage.changed": ("ciuic.run.stage.changed", "PIPELINES"),

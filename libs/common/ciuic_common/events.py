@@ -259,6 +259,21 @@ class RunStageChanged(Event):
     )
 
 
+class BaselineResolved(Event):
+    """The metrics collector's answer to a validation stage waiting for it: the baseline the
+    stage's gates compare with (the best earlier run of the same pipeline and branch)."""
+
+    subject = "ciuic.run.baseline.resolved"
+    stream = STREAMS["PIPELINES"]
+
+    run_id: str
+    stage: str
+    #: None when no earlier run logged these metrics: gates on the baseline then pass, saying so.
+    baseline_run_id: str | None = None
+    baseline: dict[str, float] = Field(default_factory=dict)
+    reason: str = Field(description="how the baseline was chosen, in words")
+
+
 class RunFinished(Event):
     """A run ended."""
 

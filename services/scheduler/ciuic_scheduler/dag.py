@@ -309,6 +309,13 @@ class GateResult:
     detail: str
 
 
+def gate_metrics(gate: str) -> list[str]:
+    """The metrics a gate names (`accuracy` in `accuracy >= baseline - 0.01`)."""
+    names = parse(gate).names()
+    plain = {n for n in names if n != "baseline" and not n.startswith("baseline.")}
+    return sorted(plain | {n.removeprefix("baseline.") for n in names if n.startswith("baseline.")})
+
+
 def needs_baseline(gate: str) -> bool:
     """Whether the gate compares with history (`baseline`, `baseline.<metric>`)."""
     return any(n == "baseline" or n.startswith("baseline.") for n in parse(gate).names())
@@ -318,9 +325,12 @@ def evaluate_gates(
     gates: Sequence[str],
     metrics: Mapping[str, Mapping[str, float]],
     baseline: Mapping[str, float] | None = None,
+    *,
+    no_baseline: str | None = None,
 ) -> list[GateResult]:
     """Each gate against the evaluation's metric summaries (the `last` value of each metric)
-    and, for gates that name it, the baseline; the detail gives the numbers."""
+    and, for gates that name it, the baseline; the detail gives the numbers. With
+    `no_baseline` (why there is none: a first run), gates on the baseline pass and say so."""
     values = {k: v["last"] for k, v in metrics.items() if "last" in v}
     results = []
     for gate in gates:
@@ -338,6 +348,9 @@ def evaluate_gates(
             continue
         variables: dict[str, object] = dict(values)
         if needs_baseline(gate):
+            if no_baseline is not None:
+                results.append(GateResult(gate, True, f"{gate}: no baseline ({no_baseline})"))
+                continue
             if baseline is None:
                 results.append(GateResult(gate, False, f"{gate}: no baseline"))
                 continue

@@ -31,6 +31,7 @@ from ciuic_common.events import (
     AgentHeartbeat,
     AgentLost,
     AgentRegistered,
+    BaselineResolved,
     DataVersionReady,
     Event,
     Inventory,
@@ -52,10 +53,12 @@ from ciuic_common.outbox import Outbox
 from ciuic_common.pipeline.models import Objective, Pipeline
 from ciuic_scheduler import store
 from ciuic_scheduler.dag import (
+    BASELINE_SERVICE,
     TERMINAL,
     StageView,
     blocked,
     evaluate_gates,
+    gate_metrics,
     needs_baseline,
     outcome,
     plan_run,
@@ -435,7 +438,7 @@ class Engine:
         async def move(stage: StageRow, state: str, reason: str | None, **kw: Any) -> None:
             await store.update_stage(tx, run_id, stage.name, state=state, reason=reason, **kw)
             stage.state, stage.reason = state, reason
-            for key in ("inputs", "outputs"):
+            for key in ("inputs", "outputs", "service"):
                 if kw.get(key) is not None:
                     setattr(stage, key, kw[key])
             fx.events.append(
@@ -575,17 +578,40 @@ class Engine:
         gates = list(stage.inputs.get("gates", []))
         metrics = job.metrics
         if any(needs_baseline(g) for g in gates):
-            # Comparing with history is the metrics collector's (issue 6); say so, never pass.
+            # History is the metrics collector's: it answers with BaselineResolved.
+            named = sorted({n for g in gates for n in gate_metrics(g)})
+            inputs = {
+                **stage.inputs,
+                "run_id": run.id,
+                "job_id": job.id,
+                "metrics": named,
+                "repository": run.repository,
+                "ref": run.ref,
+                "pipeline": run.pipeline,
+            }
             return (
                 "waiting",
-                "waiting for metrics_collector: the gates compare with a baseline",
-                {"outputs": {"metrics": _finite(metrics)}},
-            )
-        results = evaluate_gates(gates, metrics)
-        outputs = {
+                f"waiting for {BASELINE_SERVICE}: the gates compare with a baseline",
+                {"outputs": {"metrics": _finite(metrics)}, "inputs": inputs,
+                 "service": BASELINE_SERVICE},
+            )  # fmt: skip
+        return self._gated(gates, metrics, None, None)
+
+    @staticmethod
+    def _gated(
+        gates: Sequence[str],
+        metrics: Mapping[str, Mapping[str, float]],
+        baseline: Mapping[str, float] | None,
+        no_baseline: str | None,
+    ) -> tuple[str, str | None, dict[str, Any]]:
+        """The stage's end from its gates: every detail in the reason, results in the outputs."""
+        results = evaluate_gates(gates, metrics, baseline, no_baseline=no_baseline)
+        outputs: dict[str, Any] = {
             "metrics": _finite(metrics),
             "gates": [{"gate": r.gate, "passed": r.passed, "detail": r.detail} for r in results],
         }
+        if baseline is not None:
+            outputs["baseline"] = _finite({k: {"value": v} for k, v in baseline.items()})
         failed = [r for r in results if not r.passed]
         if failed:
             return "failed", "; ".join(r.detail for r in failed), {"outputs": outputs}
@@ -977,6 +1003,36 @@ class Engine:
                         reason=reason,
                     )
                 )
+            await self._advance(tx, fx, run.id)
+
+    async def on_baseline_resolved(self, event: BaselineResolved) -> None:
+        """The metrics collector found the baseline a waiting validation stage's gates need."""
+        async with self._mutex, self._change() as (tx, fx):
+            run = await store.lock_run(tx, event.run_id)
+            if run is None or run.state != "running":
+                return
+            stage = next(
+                (s for s in (await store.stages_of(tx, [run.id]))[run.id] if s.name == event.stage),
+                None,
+            )
+            if stage is None or stage.state != "waiting" or stage.service != BASELINE_SERVICE:
+                return
+            metrics = store.decode_metrics(stage.outputs.get("metrics", {}))
+            gates = list(stage.inputs.get("gates", []))
+            no_baseline = None if event.baseline_run_id else event.reason
+            state, reason, extra = self._gated(gates, metrics, event.baseline, no_baseline)
+            if event.baseline_run_id:
+                extra["outputs"]["baseline_run_id"] = event.baseline_run_id
+            await store.update_stage(tx, run.id, stage.name, state=state, reason=reason, **extra)
+            fx.events.append(
+                RunStageChanged(
+                    run_id=run.id,
+                    stage=stage.name,
+                    stage_kind="validation",
+                    state=state,
+                    reason=reason,
+                )
+            )
             await self._advance(tx, fx, run.id)
 
     async def on_model_registered(self, event: ModelRegistered) -> None:

@@ -22,6 +22,7 @@ from ciuic_common.election import LeaderElection
 from ciuic_common.events import (
     AgentHeartbeat,
     AgentRegistered,
+    BaselineResolved,
     DataVersionReady,
     JobAccepted,
     JobFinished,
@@ -97,6 +98,7 @@ def build(settings: SchedulerSettings | None = None) -> Service:
         (JobFinished, engine.on_job_finished),
         (DataVersionReady, engine.on_data_version_ready),
         (ModelRegistered, engine.on_model_registered),
+        (BaselineResolved, engine.on_baseline_resolved),
     ]
     for event_type, handler in handlers:
         service.subscribe(event_type, handler, gate=engine.leading)

@@ -310,21 +310,23 @@ async def update_stage(
     reason: str | None = None,
     outputs: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    service: str | None = None,
 ) -> None:
     """Move a stage; `started_at` is set when it first leaves pending, `finished_at` when it
-    ends."""
+    ends; `service` names who a waiting stage waits for, when not the stage kind's own."""
     await tx.execute(
         """UPDATE stages SET
                state = $3,
                reason = $4,
                outputs = COALESCE($5, outputs),
                inputs = COALESCE($6, inputs),
+               service = COALESCE($7, service),
                started_at = CASE WHEN started_at IS NULL AND $3 <> 'pending' THEN now()
                                  ELSE started_at END,
                finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'cancelled') THEN now()
                                   ELSE NULL END
            WHERE run_id = $1 AND name = $2""",
-        run_id, name, state, reason, outputs, inputs,
+        run_id, name, state, reason, outputs, inputs, service,
     )  # fmt: skip
 
 

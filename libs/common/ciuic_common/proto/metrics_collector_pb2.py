@@ -22,15 +22,42 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ciuic/v1/metrics_collector.proto\x12\x08\x63iuic.v12\x10\n\x0eMetricsServiceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n ciuic/v1/metrics_collector.proto\x12\x08\x63iuic.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x05Point\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x06Series\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x1f\n\x06points\x18\x05 \x03(\x0b\x32\x0f.ciuic.v1.Point\x12\x14\n\x0ctotal_points\x18\x06 \x01(\x03\x12\x13\n\x0b\x64ownsampled\x18\x07 \x01(\x08\"y\n\x10GetCurvesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0f\n\x07job_ids\x18\x03 \x03(\t\x12\x12\n\nmax_points\x18\x04 \x01(\x05\x12\x11\n\tfrom_step\x18\x05 \x01(\x03\x12\x0f\n\x07to_step\x18\x06 \x01(\x03\"5\n\x11GetCurvesResponse\x12 \n\x06series\x18\x01 \x03(\x0b\x32\x10.ciuic.v1.Series\"q\n\x0fGetRangeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x11\n\tfrom_step\x18\x04 \x01(\x03\x12\x0f\n\x07to_step\x18\x05 \x01(\x03\x12\r\n\x05limit\x18\x06 \x01(\x05\"\xe7\x01\n\x07Summary\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0c\n\x04last\x18\x05 \x01(\x01\x12\x0b\n\x03min\x18\x06 \x01(\x01\x12\x0b\n\x03max\x18\x07 \x01(\x01\x12\r\n\x05\x63ount\x18\x08 \x01(\x03\x12\x11\n\tnan_count\x18\t \x01(\x03\x12\x12\n\nfirst_step\x18\n \x01(\x03\x12\x11\n\tlast_step\x18\x0b \x01(\x03\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"4\n\x13GetSummariesRequest\x12\x0f\n\x07run_ids\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"<\n\x14GetSummariesResponse\x12$\n\tsummaries\x18\x01 \x03(\x0b\x32\x11.ciuic.v1.Summary\"H\n\x14StreamMetricsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x12\n\nafter_step\x18\x03 \x01(\x03\"1\n\rMetricsUpdate\x12 \n\x06series\x18\x01 \x03(\x0b\x32\x10.ciuic.v1.Series\"J\n\x11\x43ompareRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61seline_run_id\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\t\"\x83\x01\n\x10MetricComparison\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x11\n\tdelta_pct\x18\x05 \x01(\x01\x12\x0e\n\x06\x62\x65tter\x18\x06 \x01(\t\x12\x0f\n\x07verdict\x18\x07 \x01(\t\"r\n\nComparison\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61seline_run_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12+\n\x07metrics\x18\x04 \x03(\x0b\x32\x1a.ciuic.v1.MetricComparison2\xeb\x02\n\x0eMetricsService\x12\x44\n\tGetCurves\x12\x1a.ciuic.v1.GetCurvesRequest\x1a\x1b.ciuic.v1.GetCurvesResponse\x12\x37\n\x08GetRange\x12\x19.ciuic.v1.GetRangeRequest\x1a\x10.ciuic.v1.Series\x12M\n\x0cGetSummaries\x12\x1d.ciuic.v1.GetSummariesRequest\x1a\x1e.ciuic.v1.GetSummariesResponse\x12J\n\rStreamMetrics\x12\x1e.ciuic.v1.StreamMetricsRequest\x1a\x17.ciuic.v1.MetricsUpdate0\x01\x12?\n\nCompareRun\x12\x1b.ciuic.v1.CompareRunRequest\x1a\x14.ciuic.v1.Comparisonb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ciuic_common.proto.metrics_collector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRICSSERVICE']._serialized_start=46
-  _globals['_METRICSSERVICE']._serialized_end=62
+  _globals['_POINT']._serialized_start=79
+  _globals['_POINT']._serialized_end=157
+  _globals['_SERIES']._serialized_start=160
+  _globals['_SERIES']._serialized_end=305
+  _globals['_GETCURVESREQUEST']._serialized_start=307
+  _globals['_GETCURVESREQUEST']._serialized_end=428
+  _globals['_GETCURVESRESPONSE']._serialized_start=430
+  _globals['_GETCURVESRESPONSE']._serialized_end=483
+  _globals['_GETRANGEREQUEST']._serialized_start=485
+  _globals['_GETRANGEREQUEST']._serialized_end=598
+  _globals['_SUMMARY']._serialized_start=601
+  _globals['_SUMMARY']._serialized_end=832
+  _globals['_GETSUMMARIESREQUEST']._serialized_start=834
+  _globals['_GETSUMMARIESREQUEST']._serialized_end=886
+  _globals['_GETSUMMARIESRESPONSE']._serialized_start=888
+  _globals['_GETSUMMARIESRESPONSE']._serialized_end=948
+  _globals['_STREAMMETRICSREQUEST']._serialized_start=950
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=1022
+  _globals['_METRICSUPDATE']._serialized_start=1024
+  _globals['_METRICSUPDATE']._serialized_end=1073
+  _globals['_COMPARERUNREQUEST']._serialized_start=1075
+  _globals['_COMPARERUNREQUEST']._serialized_end=1149
+  _globals['_METRICCOMPARISON']._serialized_start=1152
+  _globals['_METRICCOMPARISON']._serialized_end=1283
+  _globals['_COMPARISON']._serialized_start=1285
+  _globals['_COMPARISON']._serialized_end=1399
+  _globals['_METRICSSERVICE']._serialized_start=1402
+  _globals['_METRICSSERVICE']._serialized_end=1765
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from ciuic_common.proto import metrics_collector_pb2 as ciuic_dot_v1_dot_metrics__collector__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -25,11 +26,15 @@ if _version_not_supported:
 
 
 class MetricsServiceStub:
-    """Training and system metrics. It owns the `metrics` schema: points and run summaries. Over gRPC
-    it will serve metric queries (downsampled curves, live streams, run summaries) and the
-    comparison of a run with history (baseline, improvement or regression).
+    """Training and system metrics. It owns the `metrics` schema: points, series summaries, chart
+    rollups and what it knows of runs (repository, branch, pipeline) to find baselines. It serves
+    downsampled curves, raw ranges, summaries, live streams, and the comparison of a run with
+    history. The web dashboard (port 8050) is served by the same service.
 
-    Default port 50055. RPCs are added by the issues that implement them.
+    A series is one metric of one job of one run: trials of a sweep log the same metric names, so
+    (run, job, metric, step) identifies a point. NaN and ±inf are stored and returned as such.
+
+    Default port 50055.
     """
 
     def __init__(self, channel):
@@ -38,19 +43,111 @@ class MetricsServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetCurves = channel.unary_unary(
+                '/ciuic.v1.MetricsService/GetCurves',
+                request_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetCurvesRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetCurvesResponse.FromString,
+                _registered_method=True)
+        self.GetRange = channel.unary_unary(
+                '/ciuic.v1.MetricsService/GetRange',
+                request_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetRangeRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.Series.FromString,
+                _registered_method=True)
+        self.GetSummaries = channel.unary_unary(
+                '/ciuic.v1.MetricsService/GetSummaries',
+                request_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetSummariesRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetSummariesResponse.FromString,
+                _registered_method=True)
+        self.StreamMetrics = channel.unary_stream(
+                '/ciuic.v1.MetricsService/StreamMetrics',
+                request_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.StreamMetricsRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.MetricsUpdate.FromString,
+                _registered_method=True)
+        self.CompareRun = channel.unary_unary(
+                '/ciuic.v1.MetricsService/CompareRun',
+                request_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.CompareRunRequest.SerializeToString,
+                response_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.Comparison.FromString,
+                _registered_method=True)
 
 
 class MetricsServiceServicer:
-    """Training and system metrics. It owns the `metrics` schema: points and run summaries. Over gRPC
-    it will serve metric queries (downsampled curves, live streams, run summaries) and the
-    comparison of a run with history (baseline, improvement or regression).
+    """Training and system metrics. It owns the `metrics` schema: points, series summaries, chart
+    rollups and what it knows of runs (repository, branch, pipeline) to find baselines. It serves
+    downsampled curves, raw ranges, summaries, live streams, and the comparison of a run with
+    history. The web dashboard (port 8050) is served by the same service.
 
-    Default port 50055. RPCs are added by the issues that implement them.
+    A series is one metric of one job of one run: trials of a sweep log the same metric names, so
+    (run, job, metric, step) identifies a point. NaN and ±inf are stored and returned as such.
+
+    Default port 50055.
     """
+
+    def GetCurves(self, request, context):
+        """A run's curves, each downsampled to at most `max_points` points that keep spikes and NaN
+        visible (min/max buckets; LTTB where the curve is smooth).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRange(self, request, context):
+        """Every stored point of one series between two steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSummaries(self, request, context):
+        """Per-series summaries of one or more runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamMetrics(self, request, context):
+        """A run's new points as they are stored (server streaming), after those at or before
+        `after_step` of each series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareRun(self, request, context):
+        """A run's final and best values beside a baseline: the given run, or by default the best
+        earlier run of the same repository, pipeline and branch on the same objective.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_MetricsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetCurves': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCurves,
+                    request_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetCurvesRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetCurvesResponse.SerializeToString,
+            ),
+            'GetRange': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRange,
+                    request_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetRangeRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.Series.SerializeToString,
+            ),
+            'GetSummaries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSummaries,
+                    request_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetSummariesRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.GetSummariesResponse.SerializeToString,
+            ),
+            'StreamMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamMetrics,
+                    request_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.StreamMetricsRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.MetricsUpdate.SerializeToString,
+            ),
+            'CompareRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareRun,
+                    request_deserializer=ciuic_dot_v1_dot_metrics__collector__pb2.CompareRunRequest.FromString,
+                    response_serializer=ciuic_dot_v1_dot_metrics__collector__pb2.Comparison.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ciuic.v1.MetricsService', rpc_method_handlers)
@@ -60,9 +157,148 @@ def add_MetricsServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MetricsService:
-    """Training and system metrics. It owns the `metrics` schema: points and run summaries. Over gRPC
-    it will serve metric queries (downsampled curves, live streams, run summaries) and the
-    comparison of a run with history (baseline, improvement or regression).
+    """Training and system metrics. It owns the `metrics` schema: points, series summaries, chart
+    rollups and what it knows of runs (repository, branch, pipeline) to find baselines. It serves
+    downsampled curves, raw ranges, summaries, live streams, and the comparison of a run with
+    history. The web dashboard (port 8050) is served by the same service.
 
-    Default port 50055. RPCs are added by the issues that implement them.
+    A series is one metric of one job of one run: trials of a sweep log the same metric names, so
+    (run, job, metric, step) identifies a point. NaN and ±inf are stored and returned as such.
+
+    Default port 50055.
     """
+
+    @staticmethod
+    def GetCurves(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.MetricsService/GetCurves',
+            ciuic_dot_v1_dot_metrics__collector__pb2.GetCurvesRequest.SerializeToString,
+            ciuic_dot_v1_dot_metrics__collector__pb2.GetCurvesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.MetricsService/GetRange',
+            ciuic_dot_v1_dot_metrics__collector__pb2.GetRangeRequest.SerializeToString,
+            ciuic_dot_v1_dot_metrics__collector__pb2.Series.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSummaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.MetricsService/GetSummaries',
+            ciuic_dot_v1_dot_metrics__collector__pb2.GetSummariesRequest.SerializeToString,
+            ciuic_dot_v1_dot_metrics__collector__pb2.GetSummariesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ciuic.v1.MetricsService/StreamMetrics',
+            ciuic_dot_v1_dot_metrics__collector__pb2.StreamMetricsRequest.SerializeToString,
+            ciuic_dot_v1_dot_metrics__collector__pb2.MetricsUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ciuic.v1.MetricsService/CompareRun',
+            ciuic_dot_v1_dot_metrics__collector__pb2.CompareRunRequest.SerializeToString,
+            ciuic_dot_v1_dot_metrics__collector__pb2.Comparison.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from ciuic_common.proto import metrics_collector_pb2 as _metrics_collector_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
@@ -26,37 +27,125 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MetricsServiceStub:
-    """Training and system metrics. It owns the `metrics` schema: points and run summaries. Over gRPC
-    it will serve metric queries (downsampled curves, live streams, run summaries) and the
-    comparison of a run with history (baseline, improvement or regression).
+    """Training and system metrics. It owns the `metrics` schema: points, series summaries, chart
+    rollups and what it knows of runs (repository, branch, pipeline) to find baselines. It serves
+    downsampled curves, raw ranges, summaries, live streams, and the comparison of a run with
+    history. The web dashboard (port 8050) is served by the same service.
 
-    Default port 50055. RPCs are added by the issues that implement them.
+    A series is one metric of one job of one run: trials of a sweep log the same metric names, so
+    (run, job, metric, step) identifies a point. NaN and ±inf are stored and returned as such.
+
+    Default port 50055.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MetricsServiceAsyncStub: ...
+    GetCurves: _grpc.UnaryUnaryMultiCallable[_metrics_collector_pb2.GetCurvesRequest, _metrics_collector_pb2.GetCurvesResponse]
+    """A run's curves, each downsampled to at most `max_points` points that keep spikes and NaN
+    visible (min/max buckets; LTTB where the curve is smooth).
+    """
+    GetRange: _grpc.UnaryUnaryMultiCallable[_metrics_collector_pb2.GetRangeRequest, _metrics_collector_pb2.Series]
+    """Every stored point of one series between two steps."""
+    GetSummaries: _grpc.UnaryUnaryMultiCallable[_metrics_collector_pb2.GetSummariesRequest, _metrics_collector_pb2.GetSummariesResponse]
+    """Per-series summaries of one or more runs."""
+    StreamMetrics: _grpc.UnaryStreamMultiCallable[_metrics_collector_pb2.StreamMetricsRequest, _metrics_collector_pb2.MetricsUpdate]
+    """A run's new points as they are stored (server streaming), after those at or before
+    `after_step` of each series.
+    """
+    CompareRun: _grpc.UnaryUnaryMultiCallable[_metrics_collector_pb2.CompareRunRequest, _metrics_collector_pb2.Comparison]
+    """A run's final and best values beside a baseline: the given run, or by default the best
+    earlier run of the same repository, pipeline and branch on the same objective.
+    """
 
 @_typing.type_check_only
 class MetricsServiceAsyncStub(MetricsServiceStub):
-    """Training and system metrics. It owns the `metrics` schema: points and run summaries. Over gRPC
-    it will serve metric queries (downsampled curves, live streams, run summaries) and the
-    comparison of a run with history (baseline, improvement or regression).
+    """Training and system metrics. It owns the `metrics` schema: points, series summaries, chart
+    rollups and what it knows of runs (repository, branch, pipeline) to find baselines. It serves
+    downsampled curves, raw ranges, summaries, live streams, and the comparison of a run with
+    history. The web dashboard (port 8050) is served by the same service.
 
-    Default port 50055. RPCs are added by the issues that implement them.
+    A series is one metric of one job of one run: trials of a sweep log the same metric names, so
+    (run, job, metric, step) identifies a point. NaN and ±inf are stored and returned as such.
+
+    Default port 50055.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-
-class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Training and system metrics. It owns the `metrics` schema: points and run summaries. Over gRPC
-    it will serve metric queries (downsampled curves, live streams, run summaries) and the
-    comparison of a run with history (baseline, improvement or regression).
-
-    Default port 50055. RPCs are added by the issues that implement them.
+    GetCurves: _aio.UnaryUnaryMultiCallable[_metrics_collector_pb2.GetCurvesRequest, _metrics_collector_pb2.GetCurvesResponse]  # type: ignore[assignment]
+    """A run's curves, each downsampled to at most `max_points` points that keep spikes and NaN
+    visible (min/max buckets; LTTB where the curve is smooth).
+    """
+    GetRange: _aio.UnaryUnaryMultiCallable[_metrics_collector_pb2.GetRangeRequest, _metrics_collector_pb2.Series]  # type: ignore[assignment]
+    """Every stored point of one series between two steps."""
+    GetSummaries: _aio.UnaryUnaryMultiCallable[_metrics_collector_pb2.GetSummariesRequest, _metrics_collector_pb2.GetSummariesResponse]  # type: ignore[assignment]
+    """Per-series summaries of one or more runs."""
+    StreamMetrics: _aio.UnaryStreamMultiCallable[_metrics_collector_pb2.StreamMetricsRequest, _metrics_collector_pb2.MetricsUpdate]  # type: ignore[assignment]
+    """A run's new points as they are stored (server streaming), after those at or before
+    `after_step` of each series.
+    """
+    CompareRun: _aio.UnaryUnaryMultiCallable[_metrics_collector_pb2.CompareRunRequest, _metrics_collector_pb2.Comparison]  # type: ignore[assignment]
+    """A run's final and best values beside a baseline: the given run, or by default the best
+    earlier run of the same repository, pipeline and branch on the same objective.
     """
 
-    ...
+class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Training and system metrics. It owns the `metrics` schema: points, series summaries, chart
+    rollups and what it knows of runs (repository, branch, pipeline) to find baselines. It serves
+    downsampled curves, raw ranges, summaries, live streams, and the comparison of a run with
+    history. The web dashboard (port 8050) is served by the same service.
+
+    A series is one metric of one job of one run: trials of a sweep log the same metric names, so
+    (run, job, metric, step) identifies a point. NaN and ±inf are stored and returned as such.
+
+    Default port 50055.
+    """
+
+    @_abc_1.abstractmethod
+    def GetCurves(
+        self,
+        request: _metrics_collector_pb2.GetCurvesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_collector_pb2.GetCurvesResponse, _abc.Awaitable[_metrics_collector_pb2.GetCurvesResponse]]:
+        """A run's curves, each downsampled to at most `max_points` points that keep spikes and NaN
+        visible (min/max buckets; LTTB where the curve is smooth).
+        """
+
+    @_abc_1.abstractmethod
+    def GetRange(
+        self,
+        request: _metrics_collector_pb2.GetRangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_collector_pb2.Series, _abc.Awaitable[_metrics_collector_pb2.Series]]:
+        """Every stored point of one series between two steps."""
+
+    @_abc_1.abstractmethod
+    def GetSummaries(
+        self,
+        request: _metrics_collector_pb2.GetSummariesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_collector_pb2.GetSummariesResponse, _abc.Awaitable[_metrics_collector_pb2.GetSummariesResponse]]:
+        """Per-series summaries of one or more runs."""
+
+    @_abc_1.abstractmethod
+    def StreamMetrics(
+        self,
+        request: _metrics_collector_pb2.StreamMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_metrics_collector_pb2.MetricsUpdate], _abc.AsyncIterator[_metrics_collector_pb2.MetricsUpdate]]:
+        """A run's new points as they are stored (server streaming), after those at or before
+        `after_step` of each series.
+        """
+
+    @_abc_1.abstractmethod
+    def CompareRun(
+        self,
+        request: _metrics_collector_pb2.CompareRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_collector_pb2.Comparison, _abc.Awaitable[_metrics_collector_pb2.Comparison]]:
+        """A run's final and best values beside a baseline: the given run, or by default the best
+        earlier run of the same repository, pipeline and branch on the same objective.
+        """
 
 def add_MetricsServiceServicer_to_server(servicer: MetricsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
