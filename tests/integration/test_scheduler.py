@@ -621,3 +621,22 @@ validation:
     assert stage.reason == (
         "training_loss <= baseline + 0.05 (training_loss=0.1, baseline=0.02): FAIL"
     )
+
+
+async def test_a_pipeline_the_scheduler_cannot_run_becomes_a_failed_run_that_says_why(
+    nats_url: str, database_url: str
+) -> None:
+    spec = """
+training:
+  search: bayesian
+  trials: 4
+  hyperparameters: [{name: learning_rate, min: 0.0001, max: 0.1}]
+"""
+    service = build(fast(nats_url, database_url))
+    async with running(service), api(service) as stub:
+        await request(nats_url, spec)
+        run = await eventually(
+            lambda: the_run(stub), lambda r: r is not None and r.state == "failed", 20, "the run"
+        )
+    assert "bayesian search is not available yet" in run.reason
+    assert not run.stages

@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from ciuic_common.db import Connection, Database
+from ciuic_common.errors import CiuicError
 from ciuic_common.events import (
     AgentHeartbeat,
     AgentLost,
@@ -205,6 +208,7 @@ class Engine:
         self.bucket = bucket
         self.timing = timing or Timing()
         self.term: int | None = None
+        self._lock_revision = 0
         #: Set once this replica leads and has loaded the live state: the consumers' gate.
         self.leading = asyncio.Event()
         self.cluster = ClusterState()
@@ -224,33 +228,35 @@ class Engine:
 
     # -- leadership ------------------------------------------------------------------------------
 
-    async def take_over(self, term: int) -> None:
-        """Become the active scheduler for `term`: record it, then load the live state."""
+    async def take_over(self, lock_revision: int) -> None:
+        """Become the active scheduler: open a new term in PostgreSQL (its fencing token), then
+        load the live state. `lock_revision` is the leader lock's, for the logs."""
         async with self._mutex:
             async with self.db.connection() as conn:
-                if not await store.claim_term(conn, term, self.identity):
-                    raise Deposed(f"term {term} is older than the one recorded")
+                term = await store.claim_term(conn, self.identity)
             self.term = term
+            self._lock_revision = lock_revision
             await self._load()
             self.leading.set()
         log.info(
             "scheduler_active",
             term=term,
+            lock_revision=lock_revision,
             agents=len(self.cluster.agents),
             running=len(self.cluster.allocations),
             queued=len(self.queue),
         )
         self.wake()
 
-    async def step_down(self, term: int) -> None:
+    async def step_down(self, lock_revision: int) -> None:
         self.leading.clear()
         async with self._mutex:
-            if self.term == term:
+            if self._lock_revision == lock_revision:
                 self.term = None
                 self.cluster = ClusterState()
                 self.queue = JobQueue()
                 self._stalled.clear()
-        log.info("scheduler_standby", term=term)
+        log.info("scheduler_standby", lock_revision=lock_revision)
 
     async def _load(self) -> None:
         async with self.db.connection() as conn:
@@ -328,9 +334,15 @@ class Engine:
 
     async def on_pipeline_requested(self, event: PipelineRequested) -> None:
         """Create the run and its DAG, and start what can start."""
-        pipeline = Pipeline.model_validate(event.spec)
-        plan = plan_run(pipeline)
         run_id = uuid.uuid4().hex[:12]
+        try:
+            pipeline = Pipeline.model_validate(event.spec)
+            plan = plan_run(pipeline)
+        except (ValidationError, CiuicError) as exc:
+            # The trigger validated it, but this scheduler cannot run it (a newer file format,
+            # a search not supported yet): a failed run that says why, not a lost request.
+            await self._unrunnable(event, run_id, exc)
+            return
         async with self._mutex, self._change() as (tx, fx):
             created = await store.insert_run(
                 tx,
@@ -422,6 +434,31 @@ class Engine:
             log.info("run_created", run_id=run_id, stages=len(plan.stages), jobs=len(rows))
             await self._advance(tx, fx, run_id)
 
+    async def _unrunnable(self, event: PipelineRequested, run_id: str, exc: Exception) -> None:
+        reason = f"the scheduler cannot run this pipeline: {exc}"
+        async with self._mutex, self._change() as (tx, fx):
+            created = await store.insert_run(
+                tx,
+                run_id=run_id,
+                request_event_id=event.event_id,
+                repository=event.repository,
+                commit=event.commit,
+                ref=event.ref,
+                pipeline=event.spec.get("name") if isinstance(event.spec, dict) else None,
+                pusher=event.pusher,
+                spec=event.spec,
+            )
+            if not created:
+                return
+            await store.finish_run(tx, run_id, "failed", reason)
+            fx.events.append(
+                RunCreated(
+                    run_id=run_id, repository=event.repository, commit=event.commit, ref=event.ref
+                )
+            )
+            fx.events.append(RunFinished(run_id=run_id, outcome="failed", reason=reason))
+        log.warning("run_unrunnable", run_id=run_id, reason=reason)
+
     async def _advance(self, tx: Connection, fx: _Effects, run_id: str) -> None:
         """Move the run as far as its jobs allow: end finished stages, fail what can no longer
         run, start what is ready, and end the run when every stage has."""
@@ -436,6 +473,8 @@ class Engine:
         by_name = {s.name: s for s in stages}
 
         async def move(stage: StageRow, state: str, reason: str | None, **kw: Any) -> None:
+            if state in TERMINAL:
+                await self._close_stage(tx, fx, stage, by_stage[stage.name], reason)
             await store.update_stage(tx, run_id, stage.name, state=state, reason=reason, **kw)
             stage.state, stage.reason = state, reason
             for key in ("inputs", "outputs", "service"):
@@ -466,12 +505,7 @@ class Engine:
                         await move(stage, state, reason, **extra)
                         changed = True
             for name, why in blocked([_view(s) for s in stages]):
-                stage = by_name[name]
-                await move(stage, "failed", why)
-                for job in by_stage[name]:
-                    if job.state == "pending":
-                        await store.end_job(tx, job.id, state="cancelled", reason=why)
-                        job.state = "cancelled"
+                await move(by_name[name], "failed", why)
                 changed = True
             for name in ready([_view(s) for s in stages]):
                 stage = by_name[name]
@@ -487,6 +521,21 @@ class Engine:
             await store.finish_run(tx, run_id, state, reason)
             fx.events.append(RunFinished(run_id=run_id, outcome=state, reason=reason))
             log.info("run_finished", run_id=run_id, outcome=state, reason=reason)
+
+    async def _close_stage(
+        self, tx: Connection, fx: _Effects, stage: StageRow, jobs: list[JobRow], why: str | None
+    ) -> None:
+        """A stage ended: what it has not started never will, and what still runs stops now
+        (a sweep that ended frees its GPUs at once rather than finishing every trial)."""
+        reason = f"stage {stage.name} ended" + (f": {why}" if why else "")
+        for job in jobs:
+            if job.state in ("pending", "queued"):
+                await store.end_job(tx, job.id, state="cancelled", reason=reason)
+                job.state, job.reason = "cancelled", reason
+                fx.dequeued.append(job.id)
+                fx.events.append(self._job_changed(job, "cancelled", reason))
+            elif job.state in ("assigned", "running") and job.stop_requested_at is None:
+                await self._stop(tx, fx, job, SCHEDULER, reason)
 
     async def _start_stage(
         self,
@@ -1184,11 +1233,12 @@ class Engine:
                         jobs=sorted({n.job_id for n in nodes}),
                     )
                 )
-            # Jobs that still hold GPUs there wait for their other nodes to stop; forget the
-            # agent once nothing runs on it.
-            if not self.cluster.jobs_on(agent_id):
-                self.cluster.remove_agent(agent_id)
-                self.monitor.forget(agent_id)
+            # Every attempt with a node there has ended; anything still allocated there is a
+            # leftover the database no longer knows: free it, and forget the agent.
+            for job_id in self.cluster.jobs_on(agent_id):
+                self.cluster.finish(job_id, time.time())
+            self.cluster.remove_agent(agent_id)
+            self.monitor.forget(agent_id)
             log.warning("agent_lost", agent_id=agent_id, silent_s=round(silent, 1), jobs=len(nodes))
 
     async def _unacknowledged(self) -> None:

@@ -180,14 +180,15 @@ def _job(record: asyncpg.Record) -> JobRow:
 # --- leadership -----------------------------------------------------------------------------
 
 
-async def claim_term(conn: Connection, term: int, holder: str) -> bool:
-    """Record `term` as the leading one; False if a newer term is already recorded."""
-    status = await conn.execute(
-        "UPDATE leadership SET term = $1, holder = $2, since = now() WHERE id = 1 AND term < $1",
-        term,
+async def claim_term(conn: Connection, holder: str) -> int:
+    """Open a new term for `holder` (the replica holding the leader lock) and return it: every
+    change of an older term fails from now on (see `fence`)."""
+    term: int = await conn.fetchval(
+        "UPDATE leadership SET term = term + 1, holder = $1, since = now() WHERE id = 1"
+        " RETURNING term",
         holder,
     )
-    return status.endswith(" 1")
+    return term
 
 
 async def fence(tx: Connection, term: int) -> None:
