@@ -50,6 +50,7 @@ bench: install ## benchmarks; they print each figure beside its baseline
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/trigger.py
 	$(BIN)/python bench/placement.py
+	$(BIN)/python bench/agent.py
 
 docs: install ## regenerate docs/events.md from the event registry
 	$(BIN)/python -m ciuic_common.events > docs/events.md

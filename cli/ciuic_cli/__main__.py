@@ -6,7 +6,12 @@ Each group of commands lives in its own module and registers itself on the share
 from __future__ import annotations
 
 import ciuic_cli.validate_cmd  # noqa: F401  (registers `ciuic validate`)
-from ciuic_cli import scheduler_cmds, stack_cmds, trigger_cmds  # noqa: F401  (they register their commands)
+from ciuic_cli import (  # noqa: F401  (they register their commands)
+    logs_cmds,
+    scheduler_cmds,
+    stack_cmds,
+    trigger_cmds,
+)
 from ciuic_cli.console import app, err
 from ciuic_common.errors import CiuicError
 from ciuic_common.logging import configure_logging
