@@ -40,6 +40,10 @@ def test_the_seed_becomes_setup_training_validation_packaging_deployment() -> No
     setup = next(j for j in plan.jobs if j.kind == "job")
     assert setup.steps[0]["run"] == "pip install -r requirements.txt"
     assert setup.steps[1]["cache"]["paths"] == ["/root/.cache/pip"]
+    # Training and evaluation run in the environment the setup job cached.
+    assert trial.steps == (setup.steps[1], {"run": "python train.py"})
+    evaluation = next(j for j in plan.jobs if j.kind == "validation")
+    assert evaluation.steps == (setup.steps[1], {"run": "python evaluate.py"})
 
 
 def test_jobs_come_after_what_they_need_and_data_after_every_job() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ciuic_common.expressions import ExpressionError, evaluate, format_value, parse
-from ciuic_common.pipeline.models import Pipeline, Training
+from ciuic_common.pipeline.models import CacheStep, Pipeline, Training
 from ciuic_scheduler.sweeps import expand
 
 StageKind = Literal["job", "data", "training", "validation", "packaging", "deployment"]
@@ -132,6 +132,14 @@ def plan_run(pipeline: Pipeline) -> RunPlan:
             )
         )
     previous: tuple[str, ...] = tuple(pipeline.jobs)
+    # The environment the jobs built (their `cache:` steps: a venv keyed by hashFiles) is the
+    # one training and evaluation run in: their agents restore it before the command.
+    environment = tuple(
+        step.model_dump(mode="json", exclude_none=True)
+        for job in pipeline.jobs.values()
+        for step in job.steps
+        if isinstance(step, CacheStep)
+    )
 
     if pipeline.data:
         name = name_for("data", "data")
@@ -156,7 +164,7 @@ def plan_run(pipeline: Pipeline) -> RunPlan:
                 },
             )
         )
-        jobs.extend(_trials(name, training))
+        jobs.extend(_trials(name, training, environment))
         previous = (name,)
 
     if pipeline.validation is not None:
@@ -178,7 +186,7 @@ def plan_run(pipeline: Pipeline) -> RunPlan:
                     stage=name,
                     kind="validation",
                     name=spec.name,
-                    steps=({"run": spec.command},),
+                    steps=(*environment, {"run": spec.command}),
                     gpus_per_node=gpus,
                     timeout_s=timeout,
                     container=training.container if training else None,
@@ -205,14 +213,16 @@ def plan_run(pipeline: Pipeline) -> RunPlan:
     return RunPlan(tuple(stages), tuple(jobs))
 
 
-def _trials(stage: str, training: Training) -> list[JobPlan]:
+def _trials(
+    stage: str, training: Training, environment: tuple[Mapping[str, Any], ...]
+) -> list[JobPlan]:
     timeout = _seconds(training.timeout)
     return [
         JobPlan(
             stage=stage,
             kind="trial",
             name="training",
-            steps=({"run": training.command},),
+            steps=(*environment, {"run": training.command}),
             trial=trial.index,
             hparams=trial.as_dict(),
             nodes=training.nodes,
