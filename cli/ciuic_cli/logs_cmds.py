@@ -24,9 +24,10 @@ from nats.js.api import DeliverPolicy
 from rich.markup import escape
 
 from ciuic_cli.console import err, fail, out
-from ciuic_cli.scheduler_cmds import runs_app
+from ciuic_cli.scheduler_cmds import runs_app, scheduler_call
 from ciuic_cli.stack import StackSettings
 from ciuic_common.events import STREAMS, LogsBatch
+from ciuic_common.proto import scheduler_pb2
 
 __all__ = ["nats_url", "runs_logs", "tail_logs"]
 
@@ -75,15 +76,20 @@ async def tail_logs(url: str, run_id: str, emit: Emit, *, follow: bool, wait: fl
 
 @runs_app.command("logs")
 def runs_logs(
-    run: Annotated[str, typer.Argument(help="the run's id")],
+    run: Annotated[str, typer.Argument(help="run id, or a unique prefix of it")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
-    job: Annotated[str, typer.Option("--job", "-j", help="only this job (its id)")] = "",
+    job: Annotated[
+        str, typer.Option("--job", "-j", help="only this job (its id, or its name: trial-3)")
+    ] = "",
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
 ) -> None:
     """Show a run's log lines with their job and node (live with --follow)."""
 
+    # The stream is keyed by the full run id; people type a prefix, and a job's name.
+    run = scheduler_call("GetRun", scheduler_pb2.GetRunRequest(run_id=run)).id
+
     def emit(batch: LogsBatch) -> None:
-        if job and batch.job_id != job:
+        if job and job not in (batch.job_id, batch.job_id.partition("-")[2]):
             return
         for line in batch.lines:
             if as_json:

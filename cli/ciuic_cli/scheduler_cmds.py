@@ -61,7 +61,7 @@ WATCH_SECONDS = 1.0
 M = TypeVar("M", bound=Message)
 
 
-def _scheduler(method: str, request: Message, *, timeout: float = 30.0) -> Any:
+def scheduler_call(method: str, request: Message, *, timeout: float = 30.0) -> Any:
     try:
         return call(
             "scheduler", scheduler_pb2_grpc.SchedulerServiceStub, method, request, timeout=timeout
@@ -93,7 +93,7 @@ def _list(
     token = ""
     while len(found) < limit:
         page = common_pb2.PageRequest(page_size=min(limit - len(found), PAGE_MAX), page_token=token)
-        response = _scheduler(method, request(page))
+        response = scheduler_call(method, request(page))
         found.extend(items(response))
         if response.page.next_page_token == token:
             if token:  # the same page again: following it would never end
@@ -303,7 +303,7 @@ def _watch(run: scheduler_pb2.Run, *, live: bool) -> tuple[scheduler_pb2.Run, bo
     def again(run: scheduler_pb2.Run) -> scheduler_pb2.Run:
         time.sleep(WATCH_SECONDS)
         # The full id from now on: the prefix given may stop being unique while we watch.
-        found: scheduler_pb2.Run = _scheduler(
+        found: scheduler_pb2.Run = scheduler_call(
             "GetRun", scheduler_pb2.GetRunRequest(run_id=run.id), timeout=10
         )
         return found
@@ -368,7 +368,7 @@ def runs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a run: its stages and jobs, and why it is where it is."""
-    found = _scheduler("GetRun", scheduler_pb2.GetRunRequest(run_id=run))
+    found = scheduler_call("GetRun", scheduler_pb2.GetRunRequest(run_id=run))
     stopped = False
     if watch:
         found, stopped = _watch(found, live=not as_json)
@@ -391,7 +391,7 @@ def runs_cancel(
     reason: Annotated[str, typer.Option(help="why, for the record")] = "",
 ) -> None:
     """Cancel a run: every queued and running job stops, and the run ends `cancelled`."""
-    found = _scheduler(
+    found = scheduler_call(
         "CancelRun",
         scheduler_pb2.CancelRunRequest(run_id=run, reason=reason, requested_by=_user()),
     )
@@ -501,7 +501,7 @@ def jobs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a job: where it runs, how it went, and its metrics."""
-    found = _scheduler("GetJob", scheduler_pb2.GetJobRequest(job_id=job))
+    found = scheduler_call("GetJob", scheduler_pb2.GetJobRequest(job_id=job))
     if as_json:
         _dump(found)
     else:
@@ -514,7 +514,7 @@ def jobs_stop(
     reason: Annotated[str, typer.Option(help="why, for the record")] = "",
 ) -> None:
     """Stop a job: its agents send SIGTERM, then SIGKILL after the grace period."""
-    found = _scheduler(
+    found = scheduler_call(
         "StopJob", scheduler_pb2.StopJobRequest(job_id=job, reason=reason, requested_by=_user())
     )
     out.print(Text.assemble("job ", (found.id, "bold"), " is ", _state(found.state)))
@@ -543,7 +543,7 @@ def trials(
     as_json: JsonOption = False,
 ) -> None:
     """List the trials of a run's sweep: hyperparameters, objective, and the best one."""
-    response = _scheduler("ListTrials", scheduler_pb2.ListTrialsRequest(run_id=run))
+    response = scheduler_call("ListTrials", scheduler_pb2.ListTrialsRequest(run_id=run))
     if as_json:
         _dump(response)
         return
@@ -602,7 +602,9 @@ def agents_ls(
     as_json: JsonOption = False,
 ) -> None:
     """List the agents and how busy their GPUs are."""
-    response = _scheduler("ListAgents", scheduler_pb2.ListAgentsRequest(include_lost=include_lost))
+    response = scheduler_call(
+        "ListAgents", scheduler_pb2.ListAgentsRequest(include_lost=include_lost)
+    )
     if as_json:
         _dump(response)
         return
@@ -669,7 +671,7 @@ def agents_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show an agent and each of its GPUs: load, memory, temperature, and what holds it."""
-    found = _scheduler("GetAgent", scheduler_pb2.GetAgentRequest(agent_id=agent))
+    found = scheduler_call("GetAgent", scheduler_pb2.GetAgentRequest(agent_id=agent))
     if as_json:
         _dump(found)
     else:

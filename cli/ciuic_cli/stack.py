@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +73,11 @@ class StackSettings(CiuicSettings):
     host: str = "127.0.0.1"
     #: Seconds a service may take to drain after SIGTERM before it is killed.
     shutdown_grace: float = 10.0
+    #: GPU agents to run on this machine (the demo runs two, for a 2-node job).
+    agents: int = Field(default=1, ge=0, le=16)
+    #: Give each local agent this many simulated GPUs (shown as simulated everywhere); unset,
+    #: agents report what NVML finds, or CPU slots.
+    sim_gpus: int | None = Field(default=None, ge=0)
 
 
 @dataclass
@@ -135,18 +142,19 @@ class Stack:
             for x in servers
         ]
         for info in SERVICES:
-            grpc_port, metrics_port = self.service_ports(info)
-            components.append(
-                Component(
-                    info.name,
-                    "service",
-                    f"{s.host}:{grpc_port}",
-                    [grpc_port, metrics_port, *self._extra_ports(info)],
-                    s.shutdown_grace + 5,
-                    info=info,
-                    env=self.service_environment(info),
+            for replica in range(1, (s.agents if info.name == "gpu_agent" else 1) + 1):
+                grpc_port, metrics_port = self.service_ports(info, replica)
+                components.append(
+                    Component(
+                        info.name if replica == 1 else f"{info.name}_{replica}",
+                        "service",
+                        f"{s.host}:{grpc_port}",
+                        [grpc_port, metrics_port, *self._extra_ports(info)],
+                        s.shutdown_grace + 5,
+                        info=info,
+                        env=self.service_environment(info, replica),
+                    )
                 )
-            )
         return components
 
     def platform_environment(self) -> dict[str, str]:
@@ -162,23 +170,34 @@ class Stack:
             "CIUIC_LOG_FORMAT": "json",
         }
 
-    def service_ports(self, info: ServiceInfo) -> tuple[int, int]:
-        """The gRPC and metrics ports of a service under these settings."""
-        index = SERVICES.index(info)
+    def service_ports(self, info: ServiceInfo, replica: int = 1) -> tuple[int, int]:
+        """The gRPC and metrics ports of a service under these settings; agents after the first
+        take the ports after the last service's."""
+        index = SERVICES.index(info) if replica == 1 else len(SERVICES) + replica - 2
         return self.settings.grpc_port_base + index, self.settings.metrics_port_base + index
 
     def _extra_ports(self, info: ServiceInfo) -> list[int]:
         return [self.settings.webhook_port] if info.name == "trigger" else []
 
-    def service_environment(self, info: ServiceInfo) -> dict[str, str]:
+    def service_environment(self, info: ServiceInfo, replica: int = 1) -> dict[str, str]:
         """The settings of one service process."""
-        grpc_port, metrics_port = self.service_ports(info)
+        grpc_port, metrics_port = self.service_ports(info, replica)
         extra = {}
         if info.name == "trigger":
             extra = {
                 "CIUIC_WEBHOOK_HOST": self.settings.host,
                 "CIUIC_WEBHOOK_PORT": str(self.settings.webhook_port),
             }
+        if info.name == "gpu_agent" and (self.settings.agents > 1 or self.settings.sim_gpus):
+            # Several agents on one host: each its own name and its own caches and state.
+            host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])
+            agent_id = f"{host}-{replica}"
+            extra = {
+                "CIUIC_AGENT_ID": agent_id,
+                "CIUIC_WORK_DIR": str(self.home / "agents" / agent_id),
+            }
+            if self.settings.sim_gpus is not None:
+                extra["CIUIC_SIM_GPUS"] = str(self.settings.sim_gpus)
         return {
             **extra,
             **self.platform_environment(),

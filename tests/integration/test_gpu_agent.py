@@ -619,3 +619,8 @@ async def until(predicate: Callable[[], bool], limit: float) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("timed out waiting")
+
+
+def test_a_single_process_job_runs_its_command_as_written() -> None:
+    work = JobWork(kind="trial", name="t", repository="r", commit="c", strategy="ddp", nodes=1)
+    assert launch_command("python train.py", work, 0, 1, lambda _: None) == ("python train.py", {})

@@ -124,8 +124,8 @@ def launch_command(
 ) -> tuple[str, dict[str, str]]:
     """The command to run for a distributed `work`, and the variables to export. Pure but for
     `which` (shutil.which)."""
-    if work.strategy == "none":
-        return command, {}
+    if work.strategy == "none" or (work.nodes == 1 and nproc <= 1):
+        return command, {}  # one process: nothing to launch or rendezvous with
     python = _PYTHON.match(command)
     if work.strategy == "horovod":
         if which("horovodrun") is None:

@@ -80,8 +80,11 @@ class JobPlan:
 
     @property
     def capability(self) -> str | None:
-        """What every agent of the job must offer: its distributed strategy, if it has one."""
-        return None if self.strategy == "none" else self.strategy
+        """What every agent of the job must offer: its distributed strategy, when it runs more
+        than one process (a single process needs no launcher)."""
+        if self.strategy == "none" or (self.nodes == 1 and self.gpus_per_node <= 1):
+            return None
+        return self.strategy
 
     @property
     def slug(self) -> str:
@@ -319,6 +322,10 @@ class GateResult:
     detail: str
 
 
+def _number(value: object) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else format_value(value)
+
+
 def gate_metrics(gate: str) -> list[str]:
     """The metrics a gate names (`accuracy` in `accuracy >= baseline - 0.01`)."""
     names = parse(gate).names()
@@ -373,9 +380,9 @@ def evaluate_gates(
         except ExpressionError as exc:
             results.append(GateResult(gate, False, f"{gate}: {exc}"))
             continue
-        shown = ", ".join(f"{n}={format_value(values[n])}" for n in metric_names)
+        shown = ", ".join(f"{n}={_number(values[n])}" for n in metric_names)
         if "baseline" in variables and not isinstance(variables["baseline"], dict):
-            shown += f", baseline={format_value(variables['baseline'])}"
+            shown += f", baseline={_number(variables['baseline'])}"
         results.append(
             GateResult(gate, passed, f"{gate} ({shown}): {'pass' if passed else 'FAIL'}")
         )
