@@ -479,6 +479,68 @@ def test_a_job_avoids_leaving_gpus_without_the_memory_to_use_them() -> None:
     assert placed(best_fit(state, queue, now=0))["j"][0][0] == "a"
 
 
+def test_a_job_joins_the_agent_whose_jobs_end_after_it() -> None:
+    # Both agents have 4 GPUs free. On a, a 500 s job would keep the agent partly busy for 400 s
+    # after its other job ends; on b it ends before b's job does, so b frees whole at t=1000.
+    state = ClusterState(
+        [agent("a"), agent("b")],
+        [
+            running("ra", busy_except("a", [4, 5, 6, 7]), ends_at=100),
+            running("rb", busy_except("b", [4, 5, 6, 7]), ends_at=1000),
+        ],
+    )
+    queue = [job("j", gpus=4, runtime=500)]
+    assert placed(schedule(state, queue, now=0)) == {"j": [("b", (4, 5, 6, 7))]}
+    assert placed(best_fit(state, queue, now=0)) == {"j": [("a", (4, 5, 6, 7))]}
+
+
+def test_a_job_that_outlives_every_agent_goes_where_it_delays_the_end_least() -> None:
+    state = ClusterState(
+        [agent("a"), agent("b")],
+        [
+            running("ra", busy_except("a", [4, 5, 6, 7]), ends_at=100),
+            running("rb", busy_except("b", [4, 5, 6, 7]), ends_at=300),
+        ],
+    )
+    decisions = schedule(state, [job("j", gpus=4, runtime=1000)], now=0)
+    assert placed(decisions) == {"j": [("b", (4, 5, 6, 7))]}
+
+
+def test_jobs_of_unknown_length_gather_where_one_already_runs() -> None:
+    state = ClusterState(
+        [agent("a"), agent("b")],
+        [
+            running("ra", busy_except("a", [4, 5, 6, 7]), ends_at=100),
+            running("rb", busy_except("b", [4, 5, 6, 7]), ends_at=None),
+        ],
+    )
+    assert placed(schedule(state, [job("j", gpus=4)], now=0)) == {"j": [("b", (4, 5, 6, 7))]}
+
+
+def test_fit_goes_before_when_jobs_end() -> None:
+    # b's job ends later, but the job would leave 2 GPUs free there rather than none on a.
+    state = ClusterState(
+        [agent("a"), agent("b")],
+        [
+            running("ra", busy_except("a", [4, 5, 6, 7]), ends_at=100),
+            running("rb", {"b": [0, 1]}, ends_at=1000),
+        ],
+    )
+    queue = [job("j", gpus=4, runtime=500), job("k", gpus=1, at=1, runtime=500)]
+    assert placed(schedule(state, queue, now=0))["j"] == [("a", (4, 5, 6, 7))]
+
+
+def test_jobs_placed_earlier_in_a_pass_count_for_when_an_agent_frees() -> None:
+    # The first job opens agent a and runs 1000 s; the second, shorter, joins it rather than
+    # opening b, though both leave the same GPUs free.
+    state = ClusterState([agent("a"), agent("b")])
+    queue = [job("long", gpus=4, runtime=1000), job("short", gpus=2, at=1, runtime=100)]
+    assert placed(schedule(state, queue, now=0)) == {
+        "long": [("a", (0, 1, 2, 3))],
+        "short": [("a", (4, 5))],
+    }
+
+
 def test_a_job_is_placed_within_one_nvlink_group() -> None:
     state = ClusterState([agent("a", groups=NVLINK)], [running("r", {"a": [0]}, ends_at=None)])
     assert placed(schedule(state, [job("j", gpus=4)], now=0)) == {"j": [("a", (4, 5, 6, 7))]}
@@ -602,6 +664,31 @@ def test_stranded_gpus_are_free_gpus_no_queued_job_can_use() -> None:
     assert stranded_gpus(state, JobQueue([job("j", gpus=4)])) == 3  # b's 8 can take two 4s
     assert stranded_gpus(state, JobQueue([job("j", gpus=1)])) == 0
     assert stranded_gpus(state, JobQueue()) == 0
+
+
+def test_stranded_gpus_follow_the_queue_as_jobs_come_and_go() -> None:
+    # One GPU free beside 4 CPUs: a 2-CPU job could use it, a 6-CPU job could not.
+    state = ClusterState(
+        [agent("a", cpus=8)],
+        [
+            Allocation(
+                "r",
+                "vision",
+                (NodeAssignment("a", (1, 2, 3, 4, 5, 6, 7)),),
+                millicores_per_node=4000,
+            )
+        ],
+    )
+    queue = JobQueue([job("small", cpus=2), job("big", cpus=6, at=1)])
+    assert stranded_gpus(state, queue) == 0
+    queue.remove("small")
+    assert stranded_gpus(state, queue) == 1
+    queue.add(job("small-again", cpus=2, at=2))
+    assert stranded_gpus(state, queue) == 0
+    queue.add(job("another", cpus=1, at=3))
+    queue.remove("another")
+    queue.remove("small-again")
+    assert stranded_gpus(state, queue) == 1
 
 
 # --- properties -------------------------------------------------------------------------------
@@ -771,6 +858,28 @@ def test_the_same_cluster_and_queue_give_the_same_decisions(
     rng.shuffle(shuffled_queue)
     assert policy(state, queue, 10.0) == policy(twin, shuffled_queue, 10.0)
     assert policy(state, queue, 10.0) == policy(state, queue, 10.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scenarios(), st.data())
+def test_a_queue_changed_job_by_job_decides_as_a_fresh_one(
+    scenario: tuple[ClusterState, list[JobRequest], Policy], data: st.DataObject
+) -> None:
+    state, jobs, policy = scenario
+    # Queue the jobs, take some out again (placed or cancelled) and put a few back, asking a
+    # pass in between, as the scheduler does; then compare with a queue built afresh.
+    queue = JobQueue()
+    for request in jobs:
+        queue.add(request)
+        policy(state, queue, 10.0)
+    taken = data.draw(st.lists(st.sampled_from(jobs), unique_by=lambda j: j.job_id)) if jobs else []
+    for request in taken:
+        queue.remove(request.job_id)
+        policy(state, queue, 10.0)
+        if data.draw(st.booleans()):
+            queue.add(request)
+    assert policy(state, queue, 10.0) == policy(state, JobQueue(list(queue)), 10.0)
+    assert stranded_gpus(state, queue) == stranded_gpus(state, JobQueue(list(queue)))
 
 
 def simulate(

@@ -18,9 +18,13 @@ One scheduling pass (`schedule`) walks the queue in order and places every job t
   block the jobs behind it.
 - GPU choice (`schedule`): among agents that can host a node, prefer the placement that leaves
   the fewest GPUs unusable for the sizes still queued (GPUs, CPU and memory together), then best
-  fit (the fewest free GPUs left on the agent), then GPUs within as few interconnect (NVLink)
-  groups as the agent's topology allows, then agent id. On the chosen agent the GPUs come from
-  as few groups as possible, the fullest group that holds them first. (Best fit goes before the
+  fit (the fewest free GPUs left on the agent), then the agent whose running jobs are expected
+  to end no earlier than this one (else the least delay to its last expected end), then GPUs
+  within as few interconnect (NVLink) groups as the agent's topology allows, then agent id. On
+  the chosen agent the GPUs come from as few groups as possible, the fullest group that holds
+  them first. Fragmentation is also a matter of time: a job that outlives its agent's other
+  jobs keeps that agent from being whole again, for the 8-GPU jobs and gangs, after they end;
+  jobs that end alike, placed together, free whole agents together. (Best fit goes before the
   group preference across agents: the other way round spreads jobs over emptier agents to stay
   in one group and strands more GPUs than plain best fit; see bench/placement.py.) `best_fit`
   and `first_fit` are the textbook baselines with the same queue order and backfill.
@@ -29,10 +33,13 @@ One scheduling pass (`schedule`) walks the queue in order and places every job t
 agents come and go; a pass only reads them (and works on a private copy of what it changes).
 They keep agents bucketed by free-GPU count, sorted by the CPU and the memory free beside their
 GPUs, and, per GPU count, by when that many GPUs will be free, so a decision or a reservation
-looks at a handful of agents rather than the whole cluster. Jobs that differ only in CPU and
-memory form a group; a pass works out which requests of a group cannot fit (asking more of both
-cannot fit either: a pass only takes resources), skips the jobs they cover, and stops when they
-cover every group, so it does not walk a long queue of jobs that cannot start.
+looks at a handful of agents rather than the whole cluster; a decision skips agents alike one it
+has ranked, and a pass drops from its scans the agents none of whose free GPUs a queued job
+could use. Jobs that differ only in CPU and memory form a group; a pass works out which requests
+of a group cannot fit (asking more of both cannot fit either: a pass only takes resources),
+skips the jobs they cover, and stops when they cover every group, so it does not walk a long
+queue of jobs that cannot start. The queue keeps what a pass reads of its groups until a job
+changes it.
 """
 
 from __future__ import annotations
@@ -82,6 +89,11 @@ DEFAULT_BACKFILL_DEPTH = 1000
 #: or the memory a job asks when there are no more than this; a pass lists the jobs short
 #: enough to backfill onto a reservation's holds when there are no more than this.
 _SEARCH_BREADTH = 64
+
+#: How many more agents a decision looks at, once it has candidates that make nothing unusable
+#: and leave as few GPUs as any agent still to come, for one whose jobs end as late as the new one
+#: (fewer looks miss such agents more often; more cost time on a large idle cluster).
+_TIE_BREADTH = 8
 
 _NEVER = math.inf  # the end of a job of unknown length
 
@@ -487,6 +499,8 @@ class ClusterState:
             )
             for placement in placements
         )
+        if not allocations:
+            return allocations
         self._check_fits(allocations)
         started: Counter[str] = Counter()
         with self._reindexing(allocations):
@@ -770,6 +784,9 @@ class _Least(Generic[_Number]):
             if value == self._least:
                 self._least = None  # found again when next asked
 
+    def __contains__(self, value: object) -> bool:
+        return value in self._counts
+
     def least(self) -> _Number:
         if self._least is None:
             self._least = min(self._counts)
@@ -829,6 +846,9 @@ class JobQueue:
         # priority -> project -> entries sorted by (submitted_at, job_id)
         self._levels: dict[int, dict[str, list[_Entry]]] = {}
         self._groups: dict[_Group, _GroupNeeds] = {}
+        # What a pass reads of the groups, kept until a job changes it (most do not).
+        self._cheapest_now: dict[_Group, tuple[int, int]] | None = None
+        self._demand_now: _Demand | None = None
         for job in jobs:
             self.add(job)
 
@@ -842,7 +862,15 @@ class JobQueue:
             bisect.insort(fifo, entry, key=_entry_order)
         else:
             fifo.append(entry)  # the common case: jobs arrive in submission order
-        self._groups.setdefault(entry.group, _GroupNeeds()).add(job)
+        needs = self._groups.get(entry.group)
+        if needs is None:
+            needs = self._groups[entry.group] = _GroupNeeds()
+            self._forget_cheapest()
+        elif self._cheapest_now is not None:
+            least_cpu, least_memory = self._cheapest_now[entry.group]
+            if job.millicores_per_node < least_cpu or job.memory_mib_per_node < least_memory:
+                self._forget_cheapest()
+        needs.add(job)
         self._jobs[job.job_id] = job
 
     def remove(self, job_id: str) -> JobRequest:
@@ -852,18 +880,30 @@ class JobQueue:
             raise NotFound(f"job {job_id} is not queued")
         projects = self._levels[job.priority]
         fifo = projects[job.project]
-        if fifo[0].job_id == job_id:
-            del fifo[0]  # placed jobs are mostly the oldest of their project
-        else:
-            del fifo[bisect.bisect_left(fifo, (job.submitted_at, job.job_id), key=_entry_order)]
+        # Placed jobs are mostly the oldest of their project.
+        at = (
+            0
+            if fifo[0].job_id == job_id
+            else bisect.bisect_left(fifo, (job.submitted_at, job.job_id), key=_entry_order)
+        )
+        group = fifo[at].group
+        del fifo[at]
         if not fifo:
             del projects[job.project]
             if not projects:
                 del self._levels[job.priority]
-        needs = self._groups[job._group]
+        needs = self._groups[group]
         needs.remove(job)
         if not needs.millicores:
-            del self._groups[job._group]
+            del self._groups[group]
+            self._forget_cheapest()
+        elif self._cheapest_now is not None:
+            least_cpu, least_memory = self._cheapest_now[group]
+            cpu, memory = job.millicores_per_node, job.memory_mib_per_node
+            if (cpu == least_cpu and cpu not in needs.millicores) or (
+                memory == least_memory and memory not in needs.memory_mib
+            ):
+                self._forget_cheapest()
         return job
 
     def get(self, job_id: str) -> JobRequest | None:
@@ -875,12 +915,24 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def _cheapest(self) -> dict[_Group, tuple[int, int]]:
+    def _cheapest(self) -> Mapping[_Group, tuple[int, int]]:
         """Per group, the least CPU and the least memory any of its queued jobs asks."""
-        return {
-            group: (needs.millicores.least(), needs.memory_mib.least())
-            for group, needs in self._groups.items()
-        }
+        if self._cheapest_now is None:
+            self._cheapest_now = {
+                group: (needs.millicores.least(), needs.memory_mib.least())
+                for group, needs in self._groups.items()
+            }
+        return MappingProxyType(self._cheapest_now)
+
+    def _demand(self) -> _Demand:
+        """The demand of the queued groups."""
+        if self._demand_now is None:
+            self._demand_now = _demand(self._cheapest())
+        return self._demand_now
+
+    def _forget_cheapest(self) -> None:
+        self._cheapest_now = None
+        self._demand_now = None
 
     def __iter__(self) -> Iterator[JobRequest]:
         """By priority, then submission time (fair share is decided in a pass, not here)."""
@@ -979,12 +1031,24 @@ class _Demand:
             left = self._unusable[key] = gpus - self._packable(gpus, millicores, memory_mib, 0)
         return left
 
+    def _fills(self, gpus: int, millicores: int, memory_mib: int) -> bool:
+        """Whether copies of one queued size fill all `gpus` (the common case, known at once)."""
+        for size, cpu, memory in self._sizes:
+            if size and not gpus % size:
+                copies = gpus // size
+                if copies * cpu <= millicores and copies * memory <= memory_mib:
+                    return True
+        return False
+
     def _packable(self, gpus: int, millicores: int, memory_mib: int, first: int) -> int:
         """The most GPUs queued sizes (from `first` on, each any number of times) can fill."""
         key = (gpus, millicores, memory_mib, first)
         best = self._packed.get(key)
         if best is not None:
             return best
+        if not first and self._fills(gpus, millicores, memory_mib):
+            self._packed[key] = gpus
+            return gpus
         best = 0
         for index in range(first, len(self._sizes)):
             size, cpu, memory = self._sizes[index]
@@ -999,13 +1063,20 @@ class _Demand:
         return best
 
 
-# A candidate's rank (lower is better): GPUs made unusable, free GPUs left on the agent, extra
-# interconnect groups, agent id. The baselines use only the parts they know.
-_Rank: TypeAlias = tuple[int, int, int, str]
+# A candidate's rank (lower is better): GPUs made unusable, free GPUs left on the agent, seconds
+# by which the job delays the agent's last expected release, extra interconnect groups, agent id.
+# The baselines use only the parts they know.
+_Rank: TypeAlias = tuple[int, int, float, int, str]
 
 
 class _Rule:
     """How a pass ranks the agents and GPUs that can host a node: plain best fit."""
+
+    #: Whether the rank starts with (GPUs made unusable, GPUs left) and reads nothing of an
+    #: agent but its free resources, topology and last release. A scan then skips agents alike
+    #: an earlier one (they rank alike but for the id) and stops at agents with more GPUs free
+    #: than enough candidates that make nothing unusable.
+    prunes = False
 
     def scan(self, work: _Workspace, gpus: int) -> Iterator[str]:
         """Agents with at least `gpus` free, in the order this rule would rather use them."""
@@ -1019,7 +1090,8 @@ class _Rule:
         """The candidate's rank, its GPUs, and whether it is ideal: no candidate later in
         `scan` order can rank better, so the scan may stop."""
         left = len(free.gpus) - job.gpus_per_node
-        return (0, left, 0, agent_id), self.pick(free.gpus, job.gpus_per_node, agent_id, work), True
+        gpus = self.pick(free.gpus, job.gpus_per_node, agent_id, work)
+        return (0, left, 0.0, 0, agent_id), gpus, True
 
     def pick(
         self, free: frozenset[int], count: int, agent_id: str, work: _Workspace
@@ -1044,11 +1116,18 @@ class _FirstFit(_Rule):
     def rank(
         self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
     ) -> tuple[_Rank, tuple[int, ...], bool]:
-        return (0, 0, 0, agent_id), self.pick(free.gpus, job.gpus_per_node, agent_id, work), True
+        return (
+            (0, 0, 0.0, 0, agent_id),
+            self.pick(free.gpus, job.gpus_per_node, agent_id, work),
+            True,
+        )
 
 
 class _LeastFragmenting(_Rule):
-    """Fewest GPUs made unusable, then best fit, then fewest interconnect groups, then id."""
+    """Fewest GPUs made unusable, then best fit, then the least delay to the agent's last
+    expected release, then fewest interconnect groups, then id."""
+
+    prunes = True
 
     def rank(
         self, job: JobRequest, agent_id: str, free: _Free, work: _Workspace, demand: _Demand
@@ -1068,8 +1147,20 @@ class _LeastFragmenting(_Rule):
         # The job's own size is in the mix, so placing it cannot make free GPUs more usable;
         # a negative figure would only be the packing's approximation.
         made_unusable = max(made_unusable, 0)
-        ideal = made_unusable == 0 and extra_groups == 0
-        return (made_unusable, left, extra_groups, agent_id), gpus, ideal
+        # A job that ends after the agent's other jobs keeps the agent from being whole again
+        # (for the big sizes) for longer: put jobs that end alike together. Unknown ends count
+        # as never, so jobs of unknown length gather on the agents that already hold one.
+        estimate = job.runtime_estimate_s
+        ends_at = _NEVER if estimate is None else work.now + estimate
+        last = work.last_release(agent_id)
+        if ends_at <= last:
+            delay = 0.0
+        elif ends_at == _NEVER:
+            delay = _NEVER
+        else:
+            delay = ends_at - max(last, work.now)
+        ideal = made_unusable == 0 and delay == 0 and extra_groups == 0
+        return (made_unusable, left, delay, extra_groups, agent_id), gpus, ideal
 
     def pick(
         self, free: frozenset[int], count: int, agent_id: str, work: _Workspace
@@ -1089,17 +1180,30 @@ _FIRST_FIT = _FirstFit()
 class _Workspace:
     """A pass's private view of free resources, changed as the pass places jobs."""
 
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, now: float, demand: _Demand | None) -> None:
+        """`demand`: what the queued jobs ask, if none of them is CPU-only."""
         self.state = state
-        self.free = dict(state._free)
-        # Lists shared with the state until this pass writes to them.
+        self.now = now
+        self.demand = demand
+        # Shared with the state until this pass writes to them (many passes place nothing).
+        self.free = state._free
+        self._owns_free = False
         self.by_free = dict(state._by_free)
         self._owned: set[int] = set()
         self.by_cpu = state._by_cpu
         self.by_memory = state._by_memory
         self._owns_rich = False
-        #: What the jobs this pass placed will release, per agent.
+        #: What the jobs this pass placed will release, per agent, and the last of it.
         self.added: dict[str, list[_Release]] = {}
+        self._last_added: dict[str, float] = {}
+
+    def last_release(self, agent_id: str) -> float:
+        """When the agent's last running or newly placed job is expected to end (-inf: none
+        runs; `_NEVER`: one of unknown length does)."""
+        releases = self.state._releases[agent_id]
+        last = releases[-1].ends_at if releases else -math.inf
+        added = self._last_added.get(agent_id, last)
+        return added if added > last else last
 
     def releases(self, agent_id: str) -> tuple[_Release, ...]:
         """What the agent's running jobs, and the jobs this pass placed there, will release."""
@@ -1128,9 +1232,22 @@ class _Workspace:
             free.millicores - job.millicores_per_node,
             free.memory_mib - job.memory_mib_per_node,
         )
+        if not self._owns_free:
+            self.free = dict(self.free)
+            self._owns_free = True
         self.free[agent_id] = left
         _remove_sorted(self._writable(len(free.gpus)), agent_id)
-        bisect.insort(self._writable(len(left.gpus)), agent_id)
+        gpus_left = len(left.gpus)
+        # An agent none of whose free GPUs any queued job can use drops out of the scans (it
+        # stays so for the pass: a pass only takes resources); the pass decides no CPU-only jobs
+        # when `demand` is set, so nothing could be placed on it any more.
+        demand = self.demand
+        if (
+            demand is None
+            or not gpus_left
+            or demand.unusable(gpus_left, left.millicores, left.memory_mib) < gpus_left
+        ):
+            bisect.insort(self._writable(gpus_left), agent_id)
         if not self._owns_rich:
             self.by_cpu, self.by_memory = list(self.by_cpu), list(self.by_memory)
             self._owns_rich = True
@@ -1141,6 +1258,7 @@ class _Workspace:
             ends_at, job.job_id, node.gpus, job.millicores_per_node, job.memory_mib_per_node
         )
         self.added.setdefault(agent_id, []).append(release)
+        self._last_added[agent_id] = max(ends_at, self._last_added.get(agent_id, -math.inf))
 
     def _writable(self, count: int) -> list[str]:
         if count not in self._owned:
@@ -1186,34 +1304,68 @@ def _choose_nodes(
     # an ideal candidate outranks every later one.
     nodes, cpu, memory = job.nodes, job.millicores_per_node, job.memory_mib_per_node
     excluded, capability, agents = job.excluded_agents, job.capability, state._agents
-    free_now = work.free
+    free_now, topologies, per_node = work.free, state._topology, job.gpus_per_node
     ideal = 0
     enough = max(nodes, _SEARCH_BREADTH)
     # When few agents have the CPU or the memory the job asks, rank them all; otherwise scan
     # in the rule's order and stop early.
-    rich = work.with_room(cpu, memory) if job.gpus_per_node else None
-    candidates = rule.scan(work, job.gpus_per_node) if rich is None else (a for _, a in rich)
+    rich = work.with_room(cpu, memory) if per_node else None
+    candidates = rule.scan(work, per_node) if rich is None else (a for _, a in rich)
+    prunes = rule.prunes
+    state_releases, last_added = state._releases, work._last_added  # last_release(), inlined
+    # Agents alike in all the rank reads (free resources, topology, last end) rank alike but
+    # for their ids, and come in id order: the first `nodes` of them are ranked, the rest not.
+    seen: dict[tuple[_Free, _Topology | None, float], int] = {}
+    # The GPUs left by the candidates that make nothing unusable, fewest first: the scan
+    # visits agents by free GPUs, so once `nodes` of them leave fewer than the next agent
+    # would, no later agent can be among the best; with as few left, a later one can only win
+    # on when its jobs end, looked for among the next _TIE_BREADTH agents.
+    clean: list[int] = []
+    limit = enough
+    looked = 0  # candidates that could host a node, ranked or skipped as twins
     for agent_id in candidates:
         free = free_now[agent_id]
         if (
             free.millicores < cpu
             or free.memory_mib < memory
-            or len(free.gpus) < job.gpus_per_node
+            or len(free.gpus) < per_node
             or agent_id in overrides
             or agent_id in excluded
             or (capability is not None and capability not in agents[agent_id].capabilities)
         ):
             continue
+        looked += 1
+        if prunes:
+            if (
+                rich is None
+                and len(clean) >= nodes
+                and (clean[nodes - 1] < len(free.gpus) - per_node or looked > limit)
+            ):
+                break
+            releases = state_releases[agent_id]
+            last = releases[-1].ends_at if releases else -math.inf
+            added = last_added.get(agent_id, last)
+            twin = (free, topologies[agent_id], added if added > last else last)
+            twins = seen.get(twin, 0)
+            if twins >= nodes:
+                if rich is None and looked >= enough:
+                    break
+                continue
+            seen[twin] = twins + 1
         rank, gpus, is_ideal = rule.rank(job, agent_id, free, work, demand)
         found.append((rank, gpus))
+        if prunes and not rank[0]:
+            bisect.insort(clean, rank[1])
+            if len(clean) == nodes:
+                limit = looked + _TIE_BREADTH
         ideal += is_ideal
-        if rich is None and (ideal >= nodes or len(found) >= enough):
+        if rich is None and (ideal >= nodes or looked >= enough):
             break
     if len(found) < nodes:
         return None
     if len(found) > 1:
         found.sort()
-    return tuple([NodeAssignment(rank[3], gpus) for rank, gpus in found[:nodes]])
+    return tuple([NodeAssignment(rank[-1], gpus) for rank, gpus in found[:nodes]])
 
 
 def _unfit_requests(
@@ -1225,27 +1377,38 @@ def _unfit_requests(
     the holds). None for a gang that some agents may fit: which sets fit a gang is no skyline."""
     state = work.state
     unfit: dict[_Group, list[tuple[int, int]] | None] = {}
+    free_now, agents = work.free, state._agents
     for group, (least_cpu, least_memory) in groups.items():
-        hosts = [
-            free
-            for agent_id, free in overrides.items()
-            if _can_host_gpus(group, agent_id, free, state)
-        ]
-        rich = work.with_room(least_cpu, least_memory) if group.gpus_per_node else None
-        if rich is None:
-            agent_ids: Iterable[str] = _Rule.scan(_BEST_FIT, work, group.gpus_per_node)
-        else:
-            agent_ids = (agent_id for _, agent_id in rich)
-        for agent_id in agent_ids:
-            free = work.free[agent_id]
-            if agent_id not in overrides and _can_host_gpus(group, agent_id, free, state):
-                hosts.append(free)
         # Agents without the CPU or memory for any job of the group count for nothing.
         offers = [
             (free.millicores, free.memory_mib)
-            for free in hosts
-            if free.millicores >= least_cpu and free.memory_mib >= least_memory
+            for agent_id, free in overrides.items()
+            if free.millicores >= least_cpu
+            and free.memory_mib >= least_memory
+            and _can_host_gpus(group, agent_id, free, state)
         ]
+        per_node, excluded, capability = (
+            group.gpus_per_node,
+            group.excluded_agents,
+            group.capability,
+        )
+        rich = work.with_room(least_cpu, least_memory) if per_node else None
+        if rich is None:
+            agent_ids: Iterable[str] = _Rule.scan(_BEST_FIT, work, per_node)
+        else:
+            agent_ids = (agent_id for _, agent_id in rich)
+        # The hot loop of a reservation, hence _can_host_gpus inlined.
+        for agent_id in agent_ids:
+            free = free_now[agent_id]
+            if (
+                free.millicores >= least_cpu
+                and free.memory_mib >= least_memory
+                and len(free.gpus) >= per_node
+                and agent_id not in overrides
+                and agent_id not in excluded
+                and (capability is None or capability in agents[agent_id].capabilities)
+            ):
+                offers.append((free.millicores, free.memory_mib))
         if not offers:
             unfit[group] = [(0, 0)]  # nothing of this group fits
         elif group.nodes > 1:
@@ -1387,11 +1550,12 @@ class _Pass:
         self.queue = queue
         self.now = now
         self.backfill_depth = backfill_depth
-        self.work = _Workspace(state)
         cheapest = queue._cheapest()
         self.cheapest = cheapest
         self.groups = cheapest.keys()
-        self.demand = _demand(cheapest)
+        self.demand = queue._demand()
+        cpu_only = any(not group.gpus_per_node for group in cheapest)
+        self.work = _Workspace(state, now, None if cpu_only else self.demand)
         self.usage = state.usage(now)
         self.placements: list[Placement] = []
         self.stalled: list[Stalled] = []
@@ -1432,16 +1596,24 @@ class _Pass:
             fifo = projects[project]
             index = position[project]
             started = False
-            while index < len(fifo) and not started:
+            end = len(fifo)
+            while index < end and not started:
                 entry = fifo[index]
                 index += 1
                 if self.reservation is not None:
                     # Every job looked at behind the reservation counts, skipped or not.
+                    if entry.group in self.done:
+                        # The hot loop of a long queue: skip the whole run of such jobs.
+                        done, skipped = self.done, index
+                        while index < end and fifo[index].group in done:
+                            index += 1
+                        self.backfill_seen += 1 + index - skipped
+                        if self.backfill_seen > self.backfill_depth:
+                            return False
+                        continue
                     self.backfill_seen += 1
                     if self.backfill_seen > self.backfill_depth:
                         return False
-                    if entry.group in self.done:
-                        continue
                 started = self._decide(entry.job, entry.group)
                 if self.finished:
                     return False
@@ -1709,7 +1881,7 @@ def stranded_gpus(state: ClusterState, queue: JobQueue) -> int:
     """
     if not len(queue):
         return 0
-    demand = _demand(queue._cheapest())
+    demand = queue._demand()
     stranded = 0
     for count, agent_ids in state._by_free.items():
         for agent_id in agent_ids if count else ():
