@@ -42,15 +42,15 @@ down: install
 status: install
 	$(BIN)/ciuic status
 
-demo: install ## the platform's main job on one machine
-	$(BIN)/ciuic up
-	$(BIN)/ciuic status
+demo: install ## the platform's main job on one machine: train deepseek-tiny from one git push
+	$(BIN)/ciuic demo
 
 bench: install ## benchmarks; they print each figure beside its baseline
 	$(BIN)/python bench/bus.py
 	$(BIN)/python bench/trigger.py
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/agent.py
+	$(BIN)/python bench/metrics.py
 
 docs: install ## regenerate docs/events.md from the event registry
 	$(BIN)/python -m ciuic_common.events > docs/events.md

@@ -113,9 +113,21 @@ class Stack:
     """The local platform under one `CIUIC_HOME`."""
 
     def __init__(self, settings: StackSettings | None = None) -> None:
-        self.settings = settings or StackSettings()
-        self.home = self.settings.home.resolve()
+        settings = settings or StackSettings()
+        self.home = settings.home.resolve()
+        # The agents the platform was last brought up with, unless this command says otherwise:
+        # `ciuic down` after `ciuic demo` stops the demo's second agent too.
+        layout = self._layout_path()
+        unset = {"agents", "sim_gpus"} - settings.model_fields_set
+        if unset and layout.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads(layout.read_text())
+                settings = settings.model_copy(update={k: saved[k] for k in unset if k in saved})
+        self.settings = settings
         self.components = self._components()
+
+    def _layout_path(self) -> Path:
+        return self.home / "run" / "layout.json"
 
     # -- layout ------------------------------------------------------------------------------
     def _components(self) -> list[Component]:
@@ -324,6 +336,9 @@ class Stack:
         for c in self.components:
             if c not in to_start:
                 progress(c.name, "already running")
+        layout = {"agents": self.settings.agents, "sim_gpus": self.settings.sim_gpus}
+        self._layout_path().parent.mkdir(parents=True, exist_ok=True)
+        self._layout_path().write_text(json.dumps(layout))
 
     def _start_all(
         self, group: list[Component], started: list[Component], progress: Callable[[str, str], None]

@@ -1,4 +1,4 @@
-"""`ciuic up`, `down`, `status`, `logs`, `demo`: the local platform."""
+"""`ciuic up`, `down`, `status`, `logs`: the local platform."""
 
 from __future__ import annotations
 
@@ -113,10 +113,3 @@ def logs(
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         return
-
-
-@app.command()
-def demo() -> None:
-    """The platform's main job on one machine (for now: bring it up and show its status)."""
-    up()
-    status(as_json=False)

@@ -42,7 +42,7 @@ from ciuic_common.servers import free_port
 from ciuic_common.service import Service
 from ciuic_common.settings import S3Settings
 from ciuic_common.storage import Storage
-from ciuic_gpu_agent.envcache import cache_name, hash_files
+from ciuic_gpu_agent.envcache import EnvCache, cache_name, hash_files
 from ciuic_gpu_agent.runner import launch_command
 from ciuic_gpu_agent.service import GpuAgent, GpuAgentSettings, build_agent
 
@@ -624,3 +624,40 @@ async def until(predicate: Callable[[], bool], limit: float) -> None:
 def test_a_single_process_job_runs_its_command_as_written() -> None:
     work = JobWork(kind="trial", name="t", repository="r", commit="c", strategy="ddp", nodes=1)
     assert launch_command("python train.py", work, 0, 1, lambda _: None) == ("python train.py", {})
+
+
+async def test_jobs_restoring_one_key_at_once_fetch_it_once(
+    storage: Storage, s3_bucket: str, tmp_path: Path
+) -> None:
+    notes: list[str] = []
+
+    async def note(text: str) -> None:
+        notes.append(text)
+
+    def workdir(name: str) -> Path:
+        path = tmp_path / name
+        (path / "data").mkdir(parents=True)
+        return path
+
+    built = workdir("built")
+    (built / "data" / "weights.bin").write_bytes(b"\x01" * 1024)
+    builder = EnvCache(tmp_path / "agent-a", storage, s3_bucket)
+    env = await builder.restore(
+        "k", ["data"], built, tmp_path / "job-a", with_venv=False, note=note
+    )
+    assert env.hit == "miss"
+    await builder.save(env, built, note)
+
+    # The nodes and trials of a sweep start together on another agent.
+    other = EnvCache(tmp_path / "agent-b", storage, s3_bucket)
+    jobs = [workdir(f"job-{i}") for i in range(3)]
+    envs = await asyncio.gather(
+        *(
+            other.restore("k", ["data"], job, job / "dir", with_venv=False, note=note)
+            for job in jobs
+        )
+    )
+    assert sorted(e.hit for e in envs) == ["local", "local", "s3"]
+    for job in jobs:
+        assert (job / "data" / "weights.bin").read_bytes() == b"\x01" * 1024
+    assert not [n for n in notes if "unusable" in n]

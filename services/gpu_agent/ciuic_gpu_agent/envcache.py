@@ -198,6 +198,7 @@ class EnvCache:
         self.storage = storage
         self.bucket = bucket
         self.python = python
+        self._restoring: dict[str, asyncio.Lock] = {}
         root.mkdir(parents=True, exist_ok=True)
         # Entries a previous run of the agent was still building are half made: start afresh.
         for entry in root.iterdir():
@@ -225,10 +226,13 @@ class EnvCache:
         name = cache_name(key)
         entry = self.root / name
         env = JobEnv(key, name, list(paths), "miss", None, None)
-        if (entry / "complete").exists():
-            env.hit = "local"
-        elif await self._from_s3(name, entry, note):
-            env.hit = "s3"
+        # Jobs starting together with one key (the nodes and trials of a sweep) restore it once:
+        # the others wait and find it here.
+        async with self._restoring.setdefault(name, asyncio.Lock()):
+            if (entry / "complete").exists():
+                env.hit = "local"
+            elif await self._from_s3(name, entry, note):
+                env.hit = "s3"
         if env.hit != "miss":
             await asyncio.to_thread(self._put_back, entry, paths, workdir)
             env.venv = entry / "venv" if (entry / "venv").is_dir() and with_venv else None
