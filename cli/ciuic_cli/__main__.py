@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ciuic_cli.validate_cmd  # noqa: F401  (registers `ciuic validate`)
 from ciuic_cli import (  # noqa: F401  (they register their commands)
+    demo_cmd,
     logs_cmds,
+    metrics_cmds,
     scheduler_cmds,
     stack_cmds,
     trigger_cmds,

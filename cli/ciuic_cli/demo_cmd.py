@@ -264,10 +264,10 @@ def cache_notes(run_id: str) -> list[str]:
 
     def emit(batch: LogsBatch) -> None:
         for line in batch.lines:
-            if line.text.startswith("[ciuic] cache "):
-                notes.append(
-                    f"{batch.job_id.partition('-')[2]}: {line.text.removeprefix('[ciuic] ')}"
-                )
+            if line.text.startswith("[ciuic] cache ") and ": " in line.text:
+                said = line.text.split(": ", 1)[1]  # after "cache <key>"
+                job = batch.job_id.partition("-")[2]
+                notes.append(f"{job} (node {batch.node}): {said}")
 
     try:
         asyncio.run(tail_logs(nats_url(), run_id, emit, follow=False, wait=2.0))

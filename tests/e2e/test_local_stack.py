@@ -6,72 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from ciuic_common.components import SERVICES
-from ciuic_common.servers import pid_alive, port_is_free
-from ciuic_common.servers.seaweedfs import S3Server, free_s3_port
+from ciuic_common.servers import pid_alive
 from ciuic_common.settings import S3Settings
 from ciuic_common.storage import Storage
+from tests.e2e.stack import ciuic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-CIUIC = str(Path(sys.executable).parent / "ciuic")
-
-
-def free_block(size: int, taken: set[int]) -> int:
-    """The first of `size` consecutive free ports below the ephemeral range, none in `taken`
-    (ports already chosen for this stack but not bound yet); they are added to `taken`."""
-    for _ in range(200):
-        base = random.randrange(33000 - 5000, 33000 - size)
-        block = range(base, base + size)
-        if not taken.intersection(block) and all(port_is_free(p) for p in block):
-            taken.update(block)
-            return base
-    raise RuntimeError("no free block of ports")
-
-
-@pytest.fixture
-def stack_env() -> Iterator[dict[str, str]]:
-    # Not under pytest's tmp_path, which a concurrent pytest may reset to mode 0700 (PostgreSQL
-    # runs as its own system user when we are root).
-    home = Path(tempfile.mkdtemp(prefix="ciuic-home-"))
-    s3_port = free_s3_port()
-    # SeaweedFS derives nine more ports from its S3 port: keep every other choice off them.
-    taken = {p.number for p in S3Server(data_dir=home, port=s3_port).ports()}
-    env = {
-        **os.environ,
-        "CIUIC_HOME": str(home),
-        "CIUIC_NATS_PORT": str(free_block(1, taken)),
-        "CIUIC_NATS_MONITOR_PORT": str(free_block(1, taken)),
-        "CIUIC_POSTGRES_PORT": str(free_block(1, taken)),
-        "CIUIC_S3_PORT": str(s3_port),
-        "CIUIC_GRPC_PORT_BASE": str(free_block(len(SERVICES), taken)),
-        "CIUIC_METRICS_PORT_BASE": str(free_block(len(SERVICES), taken)),
-        "CIUIC_WEBHOOK_PORT": str(free_block(1, taken)),
-    }
-    yield env
-    subprocess.run([CIUIC, "down"], env=env, capture_output=True, timeout=180)
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def ciuic(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([CIUIC, *args], env=env, capture_output=True, text=True, timeout=180)
-    if check:
-        assert proc.returncode == 0, f"ciuic {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 def status(env: dict[str, str]) -> dict[str, dict[str, object]]:
