@@ -291,6 +291,10 @@ async def publish_run(
         RunStageChanged(
             run_id=run_id, stage="training", stage_kind="training", state="succeeded",
             reason=f"best trial 1 of 2: val_loss={val_loss:.6g} (min, last); 2 succeeded",
+            outputs={
+                "best_trial": 1, "best_job": f"{run_id}-trial-1", "objective": val_loss,
+                "objective_spec": {"metric": "val_loss", "mode": "min", "scope": "last"},
+            },
         )
     )  # fmt: skip
     if validation_accuracy is not None:

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from ciuic_metrics_collector.compare import (
     Candidate,
     Objective,
+    best_trial_fields,
     better_direction,
     choose_baseline,
     compare,
     compare_metric,
-    parse_best_trial,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,21 +135,25 @@ def test_no_baseline_says_why() -> None:
     assert "most recent" in reason
 
 
-def test_the_objective_is_read_from_the_scheduler_reason() -> None:
-    best = parse_best_trial("best trial 2 of 4: val_loss=0.3125 (min, last); 4 succeeded")
-    assert best is not None
-    assert (best.trial, best.objective, best.scope, best.value) == (
-        2,
-        Objective("val_loss", "min"),
-        "last",
-        0.3125,
+def test_the_objective_comes_from_the_training_stage_outputs() -> None:
+    fields = best_trial_fields(
+        {
+            "best_trial": 2,
+            "best_job": "r1-trial-2",
+            "objective_spec": {"metric": "val_loss", "mode": "min", "scope": "last"},
+            "objective": 0.3125,
+        }
     )
-    assert parse_best_trial("the only trial succeeded (val_loss not logged)") is None
-    assert parse_best_trial(None) is None
-
-
-def test_the_scheduler_still_words_its_training_reason_as_parsed() -> None:
-    # The objective reaches the collector only in this reason: a change there must show here.
-    engine = (ROOT / "services/scheduler/ciuic_scheduler/engine.py").read_text()
-    assert 'f"best trial {best} of {len(trials)}: {objective.metric}={value:.6g} "' in engine
-    assert 'f"({objective.mode}, {objective.scope}); {len(done)} succeeded"' in engine
+    assert fields == {
+        "objective_metric": "val_loss",
+        "objective_mode": "min",
+        "objective_scope": "last",
+        "objective_value": 0.3125,
+        "best_trial": 2,
+        "best_job": "r1-trial-2",
+    }
+    # The only trial of a run without the metric: the objective still, no value.
+    only = best_trial_fields({"best_trial": 0, "objective_spec": {"metric": "loss", "mode": "max"}})
+    assert only["objective_mode"] == "max"
+    assert "objective_value" not in only
+    assert best_trial_fields({}) == {}

@@ -257,6 +257,10 @@ class RunStageChanged(Event):
     inputs: dict[str, Any] = Field(
         default_factory=dict, description="what the service needs (datasets, the best model)"
     )
+    outputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what an ended stage produced: the best trial and its objective, gate results",
+    )
 
 
 class BaselineResolved(Event):

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "UNCHANGED_TOLERANCE",
@@ -170,33 +170,22 @@ def choose_baseline(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class BestTrial:
-    """What a finished training stage says about its sweep."""
-
-    trial: int
-    objective: Objective
-    scope: str
-    value: float
-
-
-# The scheduler's reason for a training stage that succeeded (ciuic_scheduler.engine), e.g.
-# "best trial 2 of 4: val_loss=0.3125 (min, last); 4 succeeded". The events carry no other
-# record of the objective, so it is read from there (and tested against the scheduler's text).
-_BEST_TRIAL = re.compile(
-    r"^best trial (?P<trial>\d+) of \d+: (?P<metric>.+?)=(?P<value>\S+) "
-    r"\((?P<mode>min|max), (?P<scope>[a-z_]+)\)"
-)
-
-
-def parse_best_trial(reason: str | None) -> BestTrial | None:
-    """The best trial, objective and value a training stage's reason names, if it names them."""
-    match = _BEST_TRIAL.match(reason or "")
-    if match is None:
-        return None
-    try:
-        value = float(match["value"])
-    except ValueError:
-        return None
-    mode: Direction = "min" if match["mode"] == "min" else "max"
-    return BestTrial(int(match["trial"]), Objective(match["metric"], mode), match["scope"], value)
+def best_trial_fields(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a succeeded training stage's outputs (RunStageChanged.outputs) say of its sweep, as
+    the run's fields: the objective it was chosen by, the value, the best trial and its job."""
+    spec = outputs.get("objective_spec")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("metric"), str):
+        return {}
+    fields: dict[str, Any] = {
+        "objective_metric": spec["metric"],
+        "objective_mode": "max" if spec.get("mode") == "max" else "min",
+        "objective_scope": str(spec.get("scope", "last")),
+    }
+    value = outputs.get("objective")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        fields["objective_value"] = float(value)
+    if isinstance(outputs.get("best_trial"), int):
+        fields["best_trial"] = outputs["best_trial"]
+    if isinstance(outputs.get("best_job"), str):
+        fields["best_job"] = outputs["best_job"]
+    return fields

@@ -29,9 +29,9 @@ from ciuic_metrics_collector import store
 from ciuic_metrics_collector.compare import (
     Candidate,
     MetricVerdict,
+    best_trial_fields,
     choose_baseline,
     compare,
-    parse_best_trial,
 )
 from ciuic_metrics_collector.store import RunInfo
 
@@ -106,17 +106,7 @@ class History:
         async with self.db.transaction() as tx:
             fields: dict[str, Any] = {}
             if event.stage_kind == "training" and event.state == "succeeded":
-                best = parse_best_trial(event.reason)
-                if best is not None:
-                    fields |= {
-                        "objective_metric": best.objective.metric,
-                        "objective_mode": best.objective.mode,
-                        "objective_scope": best.scope,
-                        "objective_value": best.value,
-                        "best_trial": best.trial,
-                    }
-                else:
-                    log.info("training_reason_unparsed", run_id=event.run_id, reason=event.reason)
+                fields |= best_trial_fields(event.outputs)
             model = event.inputs.get("model")
             if event.state == "waiting" and isinstance(model, dict):
                 # Later stages carry the best trial as the scheduler recorded it.

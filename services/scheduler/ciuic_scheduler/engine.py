@@ -489,6 +489,7 @@ class Engine:
                     service=stage.service if state == "waiting" else None,
                     reason=reason,
                     inputs=stage.inputs if state == "waiting" else {},
+                    outputs=stage.outputs if state in TERMINAL else {},
                 )
             )
 
@@ -704,6 +705,7 @@ class Engine:
         outputs = {
             "best_trial": best,
             "best_job": winner.id,
+            "objective_spec": objective.model_dump(mode="json", exclude_none=True),
             "objective": value,
             "hparams": winner.hparams,
             "output_prefix": winner.work.get("output_prefix"),
