@@ -48,7 +48,6 @@ from ciuic_common.proto import (
 
 ROOT = Path(__file__).resolve().parents[1].parent
 EXAMPLE = ROOT / "examples" / "deepseek-tiny"
-DASHBOARD_PORT = 8050
 TERMINAL = ("succeeded", "failed", "cancelled")
 STYLE = {
     "succeeded": "green",
@@ -276,7 +275,7 @@ def cache_notes(run_id: str) -> list[str]:
     return notes
 
 
-def report(run: scheduler_pb2.Run, previous: str | None, started: float) -> None:
+def report(run: scheduler_pb2.Run, previous: str | None, started: float, dashboard: str) -> None:
     out.rule("[bold]ciuic demo report")
     out.print(f"run {run.id} {_state(run.state)} in {time.monotonic() - started:.0f}s")
     if run.reason:
@@ -320,7 +319,7 @@ def report(run: scheduler_pb2.Run, previous: str | None, started: float) -> None
         out.print(f"[bold]environment cache[/]: {hits} of {len(notes)} jobs found it ready")
         for note in notes:
             out.print(f"  {escape(note)}", highlight=False)
-    out.print(f"dashboard: http://127.0.0.1:{DASHBOARD_PORT}/runs/{run.id}")
+    out.print(f"dashboard: {dashboard}/runs/{run.id}")
     out.print(
         f"more: `ciuic runs show {run.id[:8]}`, `ciuic trials {run.id[:8]}`, "
         f"`ciuic runs logs {run.id[:8]}`, `ciuic agents ls`"
@@ -394,6 +393,7 @@ def demo(
     except KeyboardInterrupt:
         out.print(f"left run {run_id} running: `ciuic runs show {run_id[:8]} --watch`")
         raise typer.Exit(0) from None
-    report(run, previous, started)
+    dashboard = f"http://{stack.settings.host}:{stack.settings.dashboard_port}"
+    report(run, previous, started, dashboard)
     if run.state != "succeeded":
         raise typer.Exit(1)

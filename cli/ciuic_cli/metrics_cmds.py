@@ -45,6 +45,11 @@ VERDICT_STYLE = {
 }
 #: How often `--follow` redraws at most.
 REDRAW_SECONDS = 0.5
+#: How long `--follow` waits for the stream to start.
+START_SECONDS = 30.0
+#: `StreamMetricsRequest.after_step` for "from now" (the metrics collector's `FROM_NOW`): each
+#: series after its last stored step, and a series that appears later from its first point.
+FROM_NOW = -2
 
 
 def _metrics(method: str, request: Message, *, timeout: float = 30.0) -> Any:
@@ -211,35 +216,40 @@ def _fetch(run: str, keys: list[str], jobs: list[str], cells: int) -> tuple[str,
     return run_id, found
 
 
-async def _follow(
-    run_id: str, keys: list[str], jobs: list[str], curves: list[Curve], cells: int, height: int
-) -> None:
-    by_series = {(c.job_id, c.key): c for c in curves}
+async def _follow(run: str, keys: list[str], jobs: list[str], cells: int, height: int) -> None:
     target = address("metrics_collector")
-    # Start where the drawn curves end: the stream sends every point after that step.
-    after = min((c.summary.last_step for c in curves if c.summary), default=-1)
     async with channel(target, timeout=None) as ch:
         stub = metrics_collector_pb2_grpc.MetricsServiceStub(ch)
+        # The stream first, from now: each series after its last stored step, a series that
+        # appears later (a new trial) from its first point. The curves are read once it has
+        # fixed those starting points, so no point falls between the two (repeats are dropped).
         stream = stub.StreamMetrics(
-            pb.StreamMetricsRequest(run_id=run_id, keys=keys, after_step=after)
+            pb.StreamMetricsRequest(run_id=run, keys=keys, after_step=FROM_NOW)
         )
+        await asyncio.wait_for(stream.initial_metadata(), START_SECONDS)
+        run_id, curves = await asyncio.to_thread(_fetch, run, keys, jobs, cells)
+        by_series = {(c.job_id, c.key): c for c in curves}
         with Live(_view(run_id, curves, cells, height), console=out, auto_refresh=False) as live:
             drawn = time.monotonic()
-            async for update in stream:
-                for s in update.series:
-                    if jobs and s.job_id not in jobs and _job(s.job_id) not in jobs:
-                        continue
-                    c = by_series.get((s.job_id, s.key))
-                    if c is None:
-                        c = by_series[(s.job_id, s.key)] = Curve(s.job_id, s.key, s.source)
-                        curves.append(c)
-                    known = c.summary.last_step if c.summary else -1
-                    fresh = [(p.step, p.value) for p in s.points if p.step > known]
-                    c.extend(fresh, cells)
-                    c.summary = _advance(c.summary, s, fresh)
-                if time.monotonic() - drawn >= REDRAW_SECONDS:
-                    live.update(_view(run_id, curves, cells, height), refresh=True)
-                    drawn = time.monotonic()
+            try:
+                async for update in stream:
+                    for s in update.series:
+                        if jobs and s.job_id not in jobs and _job(s.job_id) not in jobs:
+                            continue
+                        c = by_series.get((s.job_id, s.key))
+                        if c is None:
+                            c = by_series[(s.job_id, s.key)] = Curve(s.job_id, s.key, s.source)
+                            curves.append(c)
+                        known = c.summary.last_step if c.summary else -1
+                        fresh = [(p.step, p.value) for p in s.points if p.step > known]
+                        c.extend(fresh, cells)
+                        c.summary = _advance(c.summary, s, fresh)
+                    if time.monotonic() - drawn >= REDRAW_SECONDS:
+                        live.update(_view(run_id, curves, cells, height), refresh=True)
+                        drawn = time.monotonic()
+            finally:
+                # Points that came within the last redraw interval are drawn too.
+                live.update(_view(run_id, curves, cells, height), refresh=True)
 
 
 def _advance(
@@ -283,10 +293,24 @@ def metrics(
     """Draw a run's curves with their summaries (live with --follow)."""
     keys, jobs = key or [], job or []
     cells = max(20, out.width - 2)
+    if as_json and follow:
+        raise fail("--follow draws for people; scripts read StreamMetrics over gRPC")
+    if follow:
+        try:
+            asyncio.run(_follow(run, keys, jobs, cells, height))
+        except KeyboardInterrupt:
+            return
+        except TimeoutError:
+            raise fail(
+                f"metrics_collector: the stream did not start in {START_SECONDS:g}s"
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise fail(f"metrics_collector: {exc.details()}") from None
+        return
     run_id, curves = _fetch(run, keys, jobs, cells)
     if as_json:
-        if follow:
-            raise fail("--follow draws for people; scripts read StreamMetrics over gRPC")
         _print_json(
             {
                 "run_id": run_id,
@@ -303,23 +327,13 @@ def metrics(
             }
         )
         return
-    if not follow:
-        out.print(_view(run_id, curves, cells, height))
-        if not curves:
-            err.print(
-                "[dim]hint: points appear once the job logs them (`ciuic.log(...)`); "
-                "`ciuic runs show RUN` tells where the run is[/]",
-                highlight=False,
-            )
-        return
-    try:
-        asyncio.run(_follow(run_id, keys, jobs, curves, cells, height))
-    except KeyboardInterrupt:
-        return
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
-            return
-        raise fail(f"metrics_collector: {exc.details()}") from None
+    out.print(_view(run_id, curves, cells, height))
+    if not curves:
+        err.print(
+            "[dim]hint: points appear once the job logs them (`ciuic.log(...)`); "
+            "`ciuic runs show RUN` tells where the run is[/]",
+            highlight=False,
+        )
 
 
 # --- ciuic compare ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import Field
 
 from ciuic_common.components import INFRASTRUCTURE, SERVICES, ServiceInfo
+from ciuic_common.components import service as component
 from ciuic_common.db import ensure_database
 from ciuic_common.errors import CiuicError
 from ciuic_common.rpc import health_check_sync
@@ -69,6 +70,8 @@ class StackSettings(CiuicSettings):
     metrics_port_base: int = SERVICES[0].metrics_port
     #: Where git hosts deliver webhooks (the trigger's HTTP port).
     webhook_port: int = 8080
+    #: The metrics collector's web dashboard.
+    dashboard_port: int = 8050
     database: str = Field(default="ciuic", pattern=r"^[a-z_][a-z0-9_]*$")
     host: str = "127.0.0.1"
     #: Seconds a service may take to drain after SIGTERM before it is killed.
@@ -189,7 +192,11 @@ class Stack:
         return self.settings.grpc_port_base + index, self.settings.metrics_port_base + index
 
     def _extra_ports(self, info: ServiceInfo) -> list[int]:
-        return [self.settings.webhook_port] if info.name == "trigger" else []
+        extra = {
+            "trigger": self.settings.webhook_port,
+            "metrics_collector": self.settings.dashboard_port,
+        }
+        return [extra[info.name]] if info.name in extra else []
 
     def service_environment(self, info: ServiceInfo, replica: int = 1) -> dict[str, str]:
         """The settings of one service process."""
@@ -199,6 +206,13 @@ class Stack:
             extra = {
                 "CIUIC_WEBHOOK_HOST": self.settings.host,
                 "CIUIC_WEBHOOK_PORT": str(self.settings.webhook_port),
+            }
+        if info.name == "metrics_collector":
+            scheduler_port, _ = self.service_ports(component("scheduler"))
+            extra = {
+                "CIUIC_DASHBOARD_HOST": self.settings.host,
+                "CIUIC_DASHBOARD_PORT": str(self.settings.dashboard_port),
+                "CIUIC_SCHEDULER_ADDR": f"{self.settings.host}:{scheduler_port}",
             }
         if info.name == "gpu_agent" and (self.settings.agents > 1 or self.settings.sim_gpus):
             # Several agents on one host: each its own name and its own caches and state.

@@ -34,6 +34,7 @@ def stack_env() -> Iterator[dict[str, str]]:
         "CIUIC_GRPC_PORT_BASE": str(free_block(SERVICE_PORTS, taken)),
         "CIUIC_METRICS_PORT_BASE": str(free_block(SERVICE_PORTS, taken)),
         "CIUIC_WEBHOOK_PORT": str(free_block(1, taken)),
+        "CIUIC_DASHBOARD_PORT": str(free_block(1, taken)),
     }
     yield env
     subprocess.run([CIUIC, "down"], env=env, capture_output=True, timeout=180)

@@ -30,9 +30,9 @@ def test_the_demo_trains_from_one_push_and_a_second_push_reuses_and_compares(
     }
     # A 2-node ddp trial: each trial ran on both agents.
     for job in (j for j in shown["jobs"] if j["kind"] == "trial"):
-        assert len({n["agentId"] for n in job["placement"]}) == 2
+        assert len({n["agent_id"] for n in job["placement"]}) == 2
     trials = json.loads(ciuic(stack_env, "trials", run["id"], "--json").stdout)
-    scored = [t for t in trials["trials"] if t.get("hasObjective")]
+    scored = [t for t in trials["trials"] if t.get("has_objective")]
     best = min(scored, key=lambda t: t["objective"])
     assert [t["index"] for t in trials["trials"] if t.get("best")] == [best["index"]]
     agents = json.loads(ciuic(stack_env, "agents", "ls", "--json").stdout)["agents"]

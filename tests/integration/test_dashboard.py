@@ -4,8 +4,8 @@ scheduler and the metrics collector: the run page draws the curves, a point push
 StreamMetrics appears on the chart, NaN shows as a gap with a marker, and screenshots are saved
 (to $CIUIC_TEST_ARTIFACTS, or the test's tmp_path; the path is printed).
 
-The stand-ins implement our own services' APIs, so this tests the dashboard's half of them; the
-real-stack test arrives with the metrics collector's backend."""
+The stand-ins implement our own services' APIs, so this tests the dashboard's half of them;
+test_dashboard_stack.py runs the page against the real metrics collector and scheduler."""
 
 from __future__ import annotations
 
@@ -161,6 +161,8 @@ class FakeMetrics(metrics_collector_pb2_grpc.MetricsServiceServicer):
         self, request: mpb.StreamMetricsRequest, context: Any
     ) -> AsyncIterator[mpb.MetricsUpdate]:
         entry = (request.run_id, asyncio.Queue[mpb.MetricsUpdate | None]())
+        # As the real one does once its starting points are fixed: the dashboard waits for it.
+        await context.send_initial_metadata(())
         async with self.changed:
             self.streams.append(entry)
             self.changed.notify_all()

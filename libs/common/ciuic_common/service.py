@@ -81,6 +81,7 @@ class Service:
         self._tasks: list[tuple[str, Task]] = []
         self._on_start: list[Task] = []
         self._on_stop: list[Task] = []
+        self._on_drain: list[Task] = []
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
 
@@ -120,6 +121,11 @@ class Service:
     def on_start(self, hook: Task) -> None:
         """Run `hook` after connections and migrations, before subscriptions start."""
         self._on_start.append(hook)
+
+    def on_drain(self, hook: Task) -> None:
+        """Run `hook` as the drain begins (health NOT_SERVING), before gRPC stops: end long
+        streams there, or they hold the stop for its whole grace period."""
+        self._on_drain.append(hook)
 
     def on_stop(self, hook: Task) -> None:
         """Run `hook` during drain, before connections close."""
@@ -181,6 +187,8 @@ class Service:
                 log.info("service_draining")
                 UP.labels(self.name).set(0)
                 await self.grpc.set_serving(False)
+                for hook in self._on_drain:
+                    await hook()
                 await self.bus.stop_consuming()
                 await self.grpc.stop(self.settings.shutdown_grace)
                 for hook in self._on_stop:

@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ciuic_common.db import Connection, Database
-from ciuic_common.errors import InvalidArgument, NotFound
+from ciuic_common.errors import InvalidArgument, NotFound, Unavailable
 from ciuic_common.proto import metrics_collector_pb2 as pb
 from ciuic_common.proto import metrics_collector_pb2_grpc
 from ciuic_metrics_collector import store
@@ -26,11 +26,12 @@ from ciuic_metrics_collector.downsample import MIN_POINTS, Sample, downsample, f
 from ciuic_metrics_collector.history import History, resolve_run_id
 from ciuic_metrics_collector.rollups import bucketize
 from ciuic_metrics_collector.store import SeriesRow
-from ciuic_metrics_collector.streams import Feed
+from ciuic_metrics_collector.streams import FROM_NOW, Feed
 
-__all__ = ["Limits", "MetricsApi"]
+__all__ = ["FROM_NOW", "Limits", "MetricsApi"]
 
 MAX_STEP = 2**63 - 1
+MIN_STEP = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ class MetricsApi(metrics_collector_pb2_grpc.MetricsServiceServicer):
         self.feed = feed
         self.history = history
         self.limits = limits or Limits()
+        # Set by close(): open streams end, new ones are refused.
+        self._closing = asyncio.Event()
+        # The wake flags of the open streams, so close() reaches them at once.
+        self._open: set[asyncio.Event] = set()
 
     async def GetCurves(self, request: pb.GetCurvesRequest, context: Any) -> pb.GetCurvesResponse:
         limits = self.limits
@@ -194,43 +199,83 @@ class MetricsApi(metrics_collector_pb2_grpc.MetricsServiceServicer):
     async def StreamMetrics(
         self, request: pb.StreamMetricsRequest, context: Any
     ) -> AsyncIterator[pb.MetricsUpdate]:
-        """Every stored point after `after_step` of each series (a negative value includes
-        step 0), then new points as they are committed, until the client goes away."""
+        """A run's points as they are committed, per series, until the client goes away or the
+        service drains.
+
+        Where each series starts, by `after_step` (the proto cannot say it, so it is said here):
+        - `after_step >= -1`: after that step, for the series there now and those that appear
+          later alike; stored points are replayed first (-1: every point, step 0 included).
+        - `after_step < -1` (`FROM_NOW`): from now. A series present when the stream opens
+          starts after its last stored step; one that appears later (a new trial) starts at its
+          first point, whatever its steps.
+        The initial metadata goes out once those starting points are fixed, so a client that
+        reads the stored curves after it (`await call.initial_metadata()`) misses no point.
+        When the service drains (`close()`), the stream ends with UNAVAILABLE: reconnect.
+        """
+        self._refuse_if_closed()
         async with self.db.connection() as conn:
             run_id = await resolve_run_id(conn, request.run_id)
         keys = list(request.keys)
+        from_now = request.after_step < -1
+        # Where a series not seen at the start begins: at its first point when from now.
+        start = MIN_STEP if from_now else request.after_step
         cursors: dict[int, int] = {}
         limits = self.limits
-        with self.feed.watch(run_id) as woken:
-            while True:
-                woken.clear()  # before reading: a commit during the read wakes us again
-                async with self.db.connection() as conn:
-                    series = {s.id: s for s in await store.series_of(conn, [run_id], keys)}
-                    for sid in series:
-                        cursors.setdefault(sid, request.after_step)
-                    behind = {
-                        sid: cursors[sid]
-                        for sid, s in series.items()
-                        if s.last_step is not None and s.last_step > cursors[sid]
-                    }
-                    rows = []
-                    if behind:
-                        each = max(100, limits.stream_points // len(behind))
-                        rows = await store.points_after(conn, behind, each)
-                if not rows:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), limits.stream_poll_s)
-                    continue
-                grouped: dict[int, list[Sample]] = {}
-                for r in rows:
-                    sample = Sample(r["step"], r["value"], r["time"])
-                    grouped.setdefault(r["series"], []).append(sample)
-                update = []
-                for sid, samples in grouped.items():
-                    cursors[sid] = samples[-1].step
-                    s = series[sid]
-                    update.append(_series_message(s, samples, s.count, False))
-                yield pb.MetricsUpdate(series=update)
+        with self.feed.watch(run_id) as woken:  # before the snapshot: no commit goes unheard
+            self._open.add(woken)
+            try:
+                if from_now:
+                    async with self.db.connection() as conn:
+                        cursors = {
+                            s.id: s.last_step
+                            for s in await store.series_of(conn, [run_id], keys)
+                            if s.last_step is not None
+                        }
+                await context.send_initial_metadata(())
+                while not self._closing.is_set():
+                    woken.clear()  # before reading: a commit during the read wakes us again
+                    async with self.db.connection() as conn:
+                        series = {s.id: s for s in await store.series_of(conn, [run_id], keys)}
+                        for sid in series:
+                            cursors.setdefault(sid, start)
+                        behind = {
+                            sid: cursors[sid]
+                            for sid, s in series.items()
+                            if s.last_step is not None and s.last_step > cursors[sid]
+                        }
+                        rows = []
+                        if behind:
+                            each = max(100, limits.stream_points // len(behind))
+                            rows = await store.points_after(conn, behind, each)
+                    if not rows:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(woken.wait(), limits.stream_poll_s)
+                        continue
+                    grouped: dict[int, list[Sample]] = {}
+                    for r in rows:
+                        sample = Sample(r["step"], r["value"], r["time"])
+                        grouped.setdefault(r["series"], []).append(sample)
+                    update = []
+                    for sid, samples in grouped.items():
+                        cursors[sid] = samples[-1].step
+                        s = series[sid]
+                        update.append(_series_message(s, samples, s.count, False))
+                    yield pb.MetricsUpdate(series=update)
+            finally:
+                self._open.discard(woken)
+        self._refuse_if_closed()
+
+    async def close(self) -> None:
+        """End every open stream now (with UNAVAILABLE, so clients reconnect, to another replica
+        or to this one restarted) and refuse new ones: the service is draining, and a stream
+        never ends by itself, so without this the gRPC server's stop waits out its grace."""
+        self._closing.set()
+        for woken in self._open:
+            woken.set()
+
+    def _refuse_if_closed(self) -> None:
+        if self._closing.is_set():
+            raise Unavailable("the metrics collector is shutting down; reconnect to go on")
 
     async def CompareRun(self, request: pb.CompareRunRequest, context: Any) -> pb.Comparison:
         result = await self.history.compare_run(

@@ -18,6 +18,7 @@ JSON, used by the pages (errors: `{"error": {"code": ..., "message": ...}}`):
     /api/runs/<id>                       a run with its stages, jobs and trials
     /api/runs/<id>/curves                ?max_points=&keys=a,b&jobs=a,b
     /api/runs/<id>/stream                server-sent events: the points stored from now on
+                                         (StreamMetrics with `FROM_NOW`: a new trial whole)
     /api/summaries                       ?runs=a,b&keys=a,b
 Values that JSON cannot carry (NaN, ±inf) travel as the strings "NaN", "Infinity", "-Infinity";
 the pages draw them as gaps with a marker, never drop them.
@@ -49,6 +50,7 @@ from ciuic_common.proto import (
     scheduler_pb2_grpc,
 )
 from ciuic_common.rpc import channel
+from ciuic_metrics_collector.streams import FROM_NOW
 
 __all__ = ["DEFAULT_PORT", "RunningDashboard", "build_app", "series_json", "serve_dashboard"]
 
@@ -322,9 +324,9 @@ def build_app(clients: Clients) -> web.Application:
 
     async def stream(request: web.Request) -> web.StreamResponse:
         run_id = request.match_info["run_id"]
-        # after_step -1: every point, step 0 included; `relay` drops what was stored before.
+        # From now: each series after its last stored step, a new trial from its first point.
         call = metrics_collector_pb2.StreamMetricsRequest(
-            run_id=run_id, keys=split_list(request.query.get("keys")), after_step=-1
+            run_id=run_id, keys=split_list(request.query.get("keys")), after_step=FROM_NOW
         )
         response = web.StreamResponse(
             headers={
@@ -385,12 +387,14 @@ async def relay(
     """Relay the points stored from now on to the browser as `metrics` events, with heartbeats
     while idle; updates that queued up while the browser was slow go out as one event.
 
-    `subscribed` is sent once each series' last step is known: the page reads the curves after
-    it, so between the curves and the events no point is missing (the page drops repeats).
-    StreamMetrics may first replay stored points; those at or before the last step a series had
-    when we subscribed are dropped here, while a series that appears later is sent whole (a new
-    trial starts at step 0). A failed call ends with an `upstream_error` event, and the browser
-    reconnects after RECONNECT_MS."""
+    The call asks StreamMetrics for points from now (`FROM_NOW`: each series after its last
+    stored step, a series that appears later, a new trial, from its first point). `subscribed`
+    is sent once the stream has fixed those starting points (its initial metadata): the page
+    reads the curves after it, so between the curves and the events no point is missing (the
+    page drops repeats). As a safeguard against a stream that replays stored points anyway,
+    points at or before the last step a series had before we subscribed are dropped here. A
+    failed call ends with an `upstream_error` event (as does a draining metrics collector, with
+    UNAVAILABLE), and the browser reconnects after RECONNECT_MS."""
     await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
     try:
         stored = await clients.metrics.GetSummaries(
@@ -400,7 +404,6 @@ async def relay(
         await response.write(_upstream_error(call.run_id, exc))
         return
     seen = {(s.job_id, s.key): s.last_step for s in stored.summaries if s.count}
-    await response.write(sse_event("subscribed", {"run_id": call.run_id}))
     # Bounded: a browser that reads slowly slows the gRPC stream (flow control), not our memory.
     queue: asyncio.Queue[_StreamItem] = asyncio.Queue(maxsize=64)
     stream_call = clients.metrics_streams.StreamMetrics(call)
@@ -416,6 +419,19 @@ async def relay(
 
     reader = asyncio.create_task(read())
     try:
+        try:
+            # Sent once the stream's starting points are fixed; a call that fails first ends,
+            # and the reader hands its error on.
+            await asyncio.wait_for(stream_call.initial_metadata(), CALL_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("dashboard_stream_not_started", run_id=call.run_id)
+            detail = {
+                "code": "deadline_exceeded",
+                "message": f"metrics_collector: the stream did not start in {CALL_TIMEOUT_S:g}s",
+            }
+            await response.write(sse_event("upstream_error", detail))
+            return
+        await response.write(sse_event("subscribed", {"run_id": call.run_id}))
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)

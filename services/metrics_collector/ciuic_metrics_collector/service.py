@@ -83,14 +83,17 @@ def build(settings: MetricsCollectorSettings | None = None) -> Service:
         # One at a time, in stream order: a training stage's end precedes its validation's wait.
         service.subscribe(event_type, handler)
 
+    api = MetricsApi(
+        db,
+        feed,
+        history,
+        Limits(curve_points=settings.curve_points, max_curve_points=settings.max_curve_points),
+    )
+    # Live streams (dashboard tabs, `ciuic metrics --follow`) end as the drain begins.
+    service.on_drain(api.close)
     service.add_grpc(
         metrics_collector_pb2_grpc.add_MetricsServiceServicer_to_server,
-        MetricsApi(
-            db,
-            feed,
-            history,
-            Limits(curve_points=settings.curve_points, max_curve_points=settings.max_curve_points),
-        ),
+        api,
         INFO.proto_service,
     )
 

@@ -5,6 +5,11 @@ delivers that on commit, to every replica's listener, so a stream learns of poin
 replica ingested them. A stream holds one wake flag (a queue of at most one element: wake-ups
 coalesce) and reads the new points itself, at its own pace; a slow client never makes the
 collector buffer points for it, and a fast run never floods it with notifications.
+
+Where a stream starts (`StreamMetricsRequest.after_step`, see `MetricsApi.StreamMetrics`):
+`after_step >= -1` sends every series' points after that step (-1: all of them, step 0 included);
+`FROM_NOW` (any value below -1) starts each series present when the stream opens after its last
+stored step, and a series that appears later (a new trial) at its first point.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Final
 
 from ciuic_common.db import Database
 from ciuic_common.logging import get_logger
 from ciuic_metrics_collector.store import NOTIFY_CHANNEL
 
-__all__ = ["Feed"]
+__all__ = ["FROM_NOW", "Feed"]
 
 log = get_logger(__name__)
+
+#: `StreamMetricsRequest.after_step` for "from now"; every value below -1 means the same.
+FROM_NOW: Final = -2
 
 
 class Feed:

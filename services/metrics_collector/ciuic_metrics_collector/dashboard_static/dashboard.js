@@ -34,6 +34,10 @@ ciuic.num = (v) => (typeof v === "string" ? Number(v) : v);
 
 ciuic.shortId = (id) => String(id || "").slice(0, 8);
 
+// A job as legends and tables name it: the trials of a sweep share their stage's name, so a
+// trial is named by its index.
+ciuic.jobLabel = (job) => (job.kind === "trial" ? `trial-${job.trial}` : job.name || ciuic.shortId(job.id));
+
 ciuic.badge = (state) => `<span class="badge state-${ciuic.esc(state)}">${ciuic.esc(state || "?")}</span>`;
 
 ciuic.when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
