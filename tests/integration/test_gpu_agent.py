@@ -38,7 +38,7 @@ from ciuic_common.events import (
     MetricsBatch,
     event_for_subject,
 )
-from ciuic_common.servers import free_port
+from ciuic_common.servers import NatsServer, ServerProcess, free_port
 from ciuic_common.service import Service
 from ciuic_common.settings import S3Settings
 from ciuic_common.storage import Storage
@@ -661,3 +661,54 @@ async def test_jobs_restoring_one_key_at_once_fetch_it_once(
     for job in jobs:
         assert (job / "data" / "weights.bin").read_bytes() == b"\x01" * 1024
     assert not [n for n in notes if "unusable" in n]
+
+
+SLOW_STEPS = """
+import time
+import ciuic
+for step in range(30):
+    ciuic.log({"training_loss": 1.0 / (step + 1)}, step=step)
+    print(f"step {step}", flush=True)
+    time.sleep(0.2)
+"""
+
+
+async def test_an_agent_rides_out_a_nats_restart_and_reports_its_job(
+    s3_server: S3Settings, s3_bucket: str, tmp_path: Path, sockets: Path
+) -> None:
+    # A NATS of its own, restarted on the same port and store while the job runs.
+    nats_root = Path(tempfile.mkdtemp(prefix="ciuic-nats-"))
+    server = NatsServer(data_dir=nats_root, port=free_port(), monitor_port=free_port())
+    proc = ServerProcess(server, nats_root / "nats.log").start()
+    collected = Events()
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    await nc.subscribe("ciuic.>", cb=collected.on_msg)
+    try:
+        repo = Repo(tmp_path / "repo")
+        commit = repo.commit({"train.py": SLOW_STEPS})
+        settings = settings_for(server.url, s3_server, s3_bucket, tmp_path, sockets, "agent-n")
+        async with running(settings):
+            job = assign("agent-n", repo, commit, [{"run": "python train.py"}], s3_bucket,
+                         job_id="j-nats")  # fmt: skip
+            await publish(server.url, job)
+            await collected.wait(JobStarted, 30, job_id="j-nats")
+            proc.stop()
+            await asyncio.sleep(1.5)
+            proc = ServerProcess(server, nats_root / "nats.log").start()
+            (done,) = await collected.wait(JobFinished, 60, job_id="j-nats")
+            beats = len(collected.of(AgentHeartbeat, agent_id="agent-n"))
+            await until(lambda: len(collected.of(AgentHeartbeat, agent_id="agent-n")) > beats, 10)
+        assert done.outcome == "succeeded"
+        assert done.metrics["training_loss"]["count"] == 30
+        # Every point reached JetStream, those logged while NATS was down included.
+        steps: set[int] = set()
+        sub = await nc.jetstream().subscribe("ciuic.metrics.run1", ordered_consumer=True)
+        with contextlib.suppress(TimeoutError):
+            while len(steps) < 30:
+                batch = MetricsBatch.from_bytes((await sub.next_msg(timeout=5)).data)
+                steps |= {p.step for p in batch.points if p.key == "training_loss"}
+        assert steps == set(range(30)), "no point lost to the restart"
+    finally:
+        await nc.close()
+        proc.stop()
+        shutil.rmtree(nats_root, ignore_errors=True)
