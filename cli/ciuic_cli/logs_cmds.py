@@ -11,6 +11,7 @@ keeps a bounded window (DESIGN.md); a job's complete log is in S3 at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -23,11 +24,12 @@ import typer
 from nats.js.api import DeliverPolicy
 from rich.markup import escape
 
+from ciuic_cli.clients import ApiError, call
 from ciuic_cli.console import err, fail, out
-from ciuic_cli.scheduler_cmds import runs_app, scheduler_call
+from ciuic_cli.scheduler_cmds import runs_app
 from ciuic_cli.stack import StackSettings
 from ciuic_common.events import STREAMS, LogsBatch
-from ciuic_common.proto import scheduler_pb2
+from ciuic_common.proto import scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["nats_url", "runs_logs", "tail_logs"]
 
@@ -85,8 +87,16 @@ def runs_logs(
 ) -> None:
     """Show a run's log lines with their job and node (live with --follow)."""
 
-    # The stream is keyed by the full run id; people type a prefix, and a job's name.
-    run = scheduler_call("GetRun", scheduler_pb2.GetRunRequest(run_id=run)).id
+    # The stream is keyed by the full run id; people type a prefix (the scheduler knows the
+    # rest; without it, the id is taken as given) and a job's name.
+    with contextlib.suppress(ApiError):
+        run = call(
+            "scheduler",
+            scheduler_pb2_grpc.SchedulerServiceStub,
+            "GetRun",
+            scheduler_pb2.GetRunRequest(run_id=run),
+            timeout=5.0,
+        ).id
 
     def emit(batch: LogsBatch) -> None:
         if job and job not in (batch.job_id, batch.job_id.partition("-")[2]):

@@ -9,10 +9,15 @@ from typing import Any
 import pytest
 import yaml
 
-from ciuic_cli.stack import Stack
+from ciuic_cli.stack import Stack, StackSettings
 from ciuic_common.components import INFRASTRUCTURE, SERVICES, ServiceInfo
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_stack() -> Stack:
+    """The launcher's layout by default: one agent, whatever a local `ciuic demo` left."""
+    return Stack(StackSettings(agents=1, sim_gpus=None))
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +26,7 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_names_the_same_components_as_the_local_launcher(compose: dict[str, Any]) -> None:
-    launcher = {c.name for c in Stack().components}
+    launcher = {c.name for c in default_stack().components}
     assert set(compose["services"]) == launcher
     assert launcher == {i.name for i in INFRASTRUCTURE} | {s.name for s in SERVICES}
 
@@ -33,7 +38,7 @@ def test_each_service_runs_the_same_command_with_the_same_settings(
     entry = compose["services"][info.name]
     assert entry["command"] == [info.script]
     env = {k: str(v) for k, v in entry["environment"].items()}
-    local = Stack().service_environment(info)
+    local = default_stack().service_environment(info)
     assert set(env) == set(local), "the same CIUIC_* settings in both"
     assert env["CIUIC_GRPC_PORT"] == local["CIUIC_GRPC_PORT"] == str(info.grpc_port)
     assert env["CIUIC_METRICS_PORT"] == local["CIUIC_METRICS_PORT"] == str(info.metrics_port)
