@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVICES := trigger scheduler gpu_agent data_versioner metrics_collector alerter packager traffic_router
 PACKAGES := libs/common libs/sdk cli $(addprefix services/,$(SERVICES))
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES)) pyproject.toml requirements-dev.txt
-LINT_PATHS := libs cli services tests bench tools
+LINT_PATHS := libs cli services tests bench tools examples
 PROTO_OUT := libs/common/ciuic_common/proto
 
 .PHONY: install test test-unit lint proto up down status demo bench docs clean
