@@ -475,23 +475,7 @@ class Engine:
         async def move(stage: StageRow, state: str, reason: str | None, **kw: Any) -> None:
             if state in TERMINAL:
                 await self._close_stage(tx, fx, stage, by_stage[stage.name], reason)
-            await store.update_stage(tx, run_id, stage.name, state=state, reason=reason, **kw)
-            stage.state, stage.reason = state, reason
-            for key in ("inputs", "outputs", "service"):
-                if kw.get(key) is not None:
-                    setattr(stage, key, kw[key])
-            fx.events.append(
-                RunStageChanged(
-                    run_id=run_id,
-                    stage=stage.name,
-                    stage_kind=stage.kind,
-                    state=state,
-                    service=stage.service if state == "waiting" else None,
-                    reason=reason,
-                    inputs=stage.inputs if state == "waiting" else {},
-                    outputs=stage.outputs if state in TERMINAL else {},
-                )
-            )
+            await self._set_stage(tx, fx, stage, state, reason, **kw)
 
         changed = True
         while changed:
@@ -522,6 +506,30 @@ class Engine:
             await store.finish_run(tx, run_id, state, reason)
             fx.events.append(RunFinished(run_id=run_id, outcome=state, reason=reason))
             log.info("run_finished", run_id=run_id, outcome=state, reason=reason)
+
+    @staticmethod
+    async def _set_stage(
+        tx: Connection, fx: _Effects, stage: StageRow, state: str, reason: str | None, **kw: Any
+    ) -> None:
+        """Store a stage's new state and say so on the bus: a waiting stage with the service it
+        waits for and what that service needs, an ended one with what it produced."""
+        await store.update_stage(tx, stage.run_id, stage.name, state=state, reason=reason, **kw)
+        stage.state, stage.reason = state, reason
+        for key in ("inputs", "outputs", "service"):
+            if kw.get(key) is not None:
+                setattr(stage, key, kw[key])
+        fx.events.append(
+            RunStageChanged(
+                run_id=stage.run_id,
+                stage=stage.name,
+                stage_kind=stage.kind,
+                state=state,
+                service=stage.service if state == "waiting" else None,
+                reason=reason,
+                inputs=stage.inputs if state == "waiting" else {},
+                outputs=stage.outputs if state in TERMINAL else {},
+            )
+        )
 
     async def _close_stage(
         self, tx: Connection, fx: _Effects, stage: StageRow, jobs: list[JobRow], why: str | None
@@ -1037,23 +1045,7 @@ class Engine:
                 missing = sorted(wanted - set(versions))
                 state = "waiting" if missing else "succeeded"
                 reason = f"waiting for data_versioner: {', '.join(missing)}" if missing else None
-                await store.update_stage(
-                    tx,
-                    run.id,
-                    stage.name,
-                    state=state,
-                    reason=reason,
-                    outputs={"versions": versions},
-                )
-                fx.events.append(
-                    RunStageChanged(
-                        run_id=run.id,
-                        stage=stage.name,
-                        stage_kind="data",
-                        state=state,
-                        reason=reason,
-                    )
-                )
+                await self._set_stage(tx, fx, stage, state, reason, outputs={"versions": versions})
             await self._advance(tx, fx, run.id)
 
     async def on_baseline_resolved(self, event: BaselineResolved) -> None:
@@ -1074,16 +1066,7 @@ class Engine:
             state, reason, extra = self._gated(gates, metrics, event.baseline, no_baseline)
             if event.baseline_run_id:
                 extra["outputs"]["baseline_run_id"] = event.baseline_run_id
-            await store.update_stage(tx, run.id, stage.name, state=state, reason=reason, **extra)
-            fx.events.append(
-                RunStageChanged(
-                    run_id=run.id,
-                    stage=stage.name,
-                    stage_kind="validation",
-                    state=state,
-                    reason=reason,
-                )
-            )
+            await self._set_stage(tx, fx, stage, state, reason, **extra)
             await self._advance(tx, fx, run.id)
 
     async def on_model_registered(self, event: ModelRegistered) -> None:
@@ -1103,18 +1086,7 @@ class Engine:
                         "version": event.version,
                         "location": event.location,
                     }
-                    await store.update_stage(
-                        tx, run.id, stage.name, state="succeeded", reason=reason, outputs=outputs
-                    )
-                    fx.events.append(
-                        RunStageChanged(
-                            run_id=run.id,
-                            stage=stage.name,
-                            stage_kind="packaging",
-                            state="succeeded",
-                            reason=reason,
-                        )
-                    )
+                    await self._set_stage(tx, fx, stage, "succeeded", reason, outputs=outputs)
             await self._advance(tx, fx, run.id)
 
     # -- the periodic work -------------------------------------------------------------------------
@@ -1203,16 +1175,7 @@ class Engine:
                 fx.events.append(self._job_changed(job, "cancelled", reason))
         for stage in (await store.stages_of(tx, [run_id]))[run_id]:
             if stage.state not in TERMINAL:
-                await store.update_stage(tx, run_id, stage.name, state="cancelled", reason=reason)
-                fx.events.append(
-                    RunStageChanged(
-                        run_id=run_id,
-                        stage=stage.name,
-                        stage_kind=stage.kind,
-                        state="cancelled",
-                        reason=reason,
-                    )
-                )
+                await self._set_stage(tx, fx, stage, "cancelled", reason)
         await store.finish_run(tx, run_id, "cancelled", reason)
         fx.events.append(RunFinished(run_id=run_id, outcome="cancelled", reason=reason))
         log.info("run_cancelled", run_id=run_id, by=by)
@@ -1325,16 +1288,7 @@ class Engine:
                             tx, job.id, state="cancelled", reason=f"stage {stage.name} {why}"
                         )
                         fx.dequeued.append(job.id)
-                await store.update_stage(tx, stage.run_id, stage.name, state="failed", reason=why)
-                fx.events.append(
-                    RunStageChanged(
-                        run_id=stage.run_id,
-                        stage=stage.name,
-                        stage_kind=stage.kind,
-                        state="failed",
-                        reason=why,
-                    )
-                )
+                await self._set_stage(tx, fx, stage, "failed", why)
                 await self._advance(tx, fx, stage.run_id)
 
     async def _place(self) -> None:
