@@ -37,7 +37,7 @@ from pathlib import Path
 import asyncpg
 
 from ciuic_common.bus import Bus
-from ciuic_common.events import MetricPoint, MetricsBatch
+from ciuic_common.events import MetricColumns, MetricsBatch
 from ciuic_common.logging import configure_logging
 from ciuic_common.proto import metrics_collector_pb2 as pb
 from ciuic_common.proto import metrics_collector_pb2_grpc
@@ -185,18 +185,25 @@ class Stored:
             await asyncio.sleep(0.02)
 
 
+def columns(steps: range, keys: list[str], value: Callable[[int], float]) -> MetricColumns:
+    """Every key at every step (step-major, as a training loop logs), all at one time."""
+    now = time.time()
+    n = len(keys)
+    return MetricColumns(
+        keys=keys * len(steps),
+        steps=[s for s in steps for _ in range(n)],
+        values=[value(s) for s in steps for _ in range(n)],
+        times=[now] * (n * len(steps)),
+    )
+
+
 def batches(run_id: str, points: int, per_batch: int = 1000) -> list[MetricsBatch]:
-    now = datetime.now(UTC)
     steps = per_batch // len(KEYS)
     return [
-        MetricsBatch(
+        MetricsBatch.from_columns(
+            columns(range(b * steps, (b + 1) * steps), KEYS, lambda s: s * 1e-3),
             run_id=run_id,
             job_id=f"{run_id}-trial-0",
-            points=[
-                MetricPoint(key=k, step=b * steps + s, value=(b * steps + s) * 1e-3, timestamp=now)
-                for s in range(steps)
-                for k in KEYS
-            ],
         )
         for b in range(points // per_batch)
     ]
@@ -241,8 +248,8 @@ async def sdk_throughput(
     """A training process → the SDK → the agent's MetricsChannel → the bus → the collector."""
     run_id, job_id = "bench-sdk", "bench-sdk-trial-0"
 
-    async def publish(batch: list[MetricPoint]) -> None:  # what the agent's runner does
-        await bus.publish(MetricsBatch(run_id=run_id, job_id=job_id, points=batch))
+    async def publish(batch: MetricColumns) -> None:  # what the agent's runner does
+        await bus.publish(MetricsBatch.from_columns(batch, run_id=run_id, job_id=job_id))
 
     socket = root / "metrics.sock"
     async with MetricsChannel(socket, publish) as ch:
@@ -286,16 +293,11 @@ async def latency(
     interval = per_batch / rate
     start = time.perf_counter()
     for i in range(total):
-        now = datetime.now(UTC)
         first = 10**9 + (i + 1) * 100  # aligned: step // 100 names the batch
-        batch = MetricsBatch(
+        batch = MetricsBatch.from_columns(
+            columns(range(first, first + 100), KEYS, lambda s: 1.0),
             run_id=run_id,
             job_id=f"{run_id}-trial-0",
-            points=[
-                MetricPoint(key=k, step=first + s, value=1.0, timestamp=now)
-                for s in range(100)
-                for k in KEYS
-            ],
         )
         sent[first // 100] = time.perf_counter()
         await bus.publish(batch)
@@ -310,15 +312,11 @@ async def query(
     bus: Bus, stored: Stored, stub: metrics_collector_pb2_grpc.MetricsServiceStub, calls: int
 ) -> tuple[float, float, int]:
     run_id, per_batch, n = "bench-curve", 5000, 1_000_000
-    now = datetime.now(UTC)
     events = [
-        MetricsBatch(
+        MetricsBatch.from_columns(
+            columns(range(b, b + per_batch), ["loss"], lambda s: 1 / (1 + s)),
             run_id=run_id,
             job_id=f"{run_id}-trial-0",
-            points=[
-                MetricPoint(key="loss", step=s, value=1 / (1 + s), timestamp=now)
-                for s in range(b, b + per_batch)
-            ],
         )
         for b in range(0, n, per_batch)
     ]

@@ -23,6 +23,7 @@ batches and the same losses as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -463,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if world.size > 1:
+            # Leave together: a rank tearing gloo down while rank 0 still writes its checkpoint
+            # can abort ("terminate called without an active exception").
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
             dist.destroy_process_group()
     return result.exit_code
 

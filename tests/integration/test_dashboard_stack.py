@@ -118,7 +118,7 @@ async def stack(nats_url: str, database_url: str) -> AsyncIterator[Stack]:
 
 
 def batch(job_id: str, run_id: str, points: dict[str, list[tuple[int, float]]]) -> MetricsBatch:
-    return MetricsBatch(
+    return MetricsBatch.of(
         run_id=run_id,
         job_id=job_id,
         points=[

@@ -76,7 +76,7 @@ async def until(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> N
 def batch(
     run_id: str, job_id: str, points: dict[str, list[tuple[int, float]]], **kw: Any
 ) -> MetricsBatch:
-    return MetricsBatch(
+    return MetricsBatch.of(
         run_id=run_id,
         job_id=job_id,
         points=[

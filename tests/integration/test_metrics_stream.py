@@ -59,7 +59,7 @@ async def collector(
 
 
 def batch(run_id: str, job: str, points: dict[str, list[tuple[int, float]]]) -> MetricsBatch:
-    return MetricsBatch(
+    return MetricsBatch.of(
         run_id=run_id,
         job_id=f"{run_id}-{job}",
         points=[

@@ -8,15 +8,15 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ciuic_common.events import MetricPoint, MetricsBatch
+from ciuic_common.events import MetricColumns, MetricPoint, MetricsBatch
 from ciuic_gpu_agent.channel import MetricsChannel, parse_line
 
 
@@ -29,16 +29,21 @@ class Collected:
     """The batches a channel handed over, in order."""
 
     def __init__(self) -> None:
-        self.batches: list[list[MetricPoint]] = []
+        self.batches: list[MetricColumns] = []
         self.arrived = asyncio.Event()
 
-    async def __call__(self, points: list[MetricPoint]) -> None:
+    async def __call__(self, points: MetricColumns) -> None:
         self.batches.append(points)
         self.arrived.set()
 
     @property
+    def events(self) -> list[MetricsBatch]:
+        """The batches as the agent's runner publishes them."""
+        return [MetricsBatch.from_columns(b, run_id="r", job_id="j") for b in self.batches]
+
+    @property
     def points(self) -> list[MetricPoint]:
-        return [p for batch in self.batches for p in batch]
+        return [p for event in self.events for p in event.points]
 
 
 @pytest.fixture
@@ -89,11 +94,13 @@ async def test_points_the_sdk_logs_arrive_as_metric_points_with_nan_and_inf_kept
     assert all(p.timestamp.tzinfo is not None for p in collected.points)
     assert channel.stats.garbage == 0
     # They travel on the bus as they are.
-    batch = MetricsBatch(run_id="r", job_id="j", points=collected.points)
-    again = MetricsBatch.from_bytes(batch.to_bytes()).points
-    assert [p.key for p in again] == [p.key for p in collected.points]
-    assert math.isnan(again[2].value)
-    assert again[3].value == math.inf
+    (batch,) = collected.events
+    again = MetricsBatch.from_bytes(batch.to_bytes())
+    assert again.keys == batch.keys
+    assert again.steps == batch.steps
+    assert again.times == batch.times
+    assert math.isnan(again.values[2])
+    assert again.values[3] == math.inf
 
 
 async def test_a_line_split_across_writes_is_put_back_together(
@@ -205,11 +212,18 @@ def test_each_kind_of_garbage_is_named(text: bytes, reason: str) -> None:
     assert parse_line(text) == reason
 
 
-def test_a_point_without_a_timestamp_gets_its_arrival_time() -> None:
+async def test_a_point_without_a_timestamp_gets_its_arrival_time(
+    channel: tuple[MetricsChannel, Collected],
+) -> None:
     point = parse_line(b'{"key": "loss", "step": 2, "value": NaN}')
-    assert isinstance(point, MetricPoint)
-    assert math.isnan(point.value)
-    assert abs((datetime.now(UTC) - point.timestamp).total_seconds()) < 60
+    assert isinstance(point, dict)
+    assert math.isnan(point["value"])
+    ch, collected = channel
+    before = time.time()
+    await write(ch.path, b'{"key": "loss", "step": 2, "value": NaN}\n')
+    await ch.close()
+    (at,) = collected.batches[0].times
+    assert before <= at <= time.time()
 
 
 async def test_garbage_is_reported_in_stats_with_samples(
@@ -260,9 +274,9 @@ async def test_a_slow_consumer_pauses_the_writer_instead_of_dropping_points(
 ) -> None:
     received: list[int] = []
 
-    async def slow(points: list[MetricPoint]) -> None:
+    async def slow(points: MetricColumns) -> None:
         await asyncio.sleep(0.001)
-        received.extend(p.step for p in points)
+        received.extend(points.steps)
 
     channel = MetricsChannel(socket_dir / "m.sock", slow, max_batch=50, max_pending=200)
     async with channel:
@@ -274,10 +288,10 @@ async def test_a_slow_consumer_pauses_the_writer_instead_of_dropping_points(
 async def test_a_failing_callback_costs_its_batch_only_and_says_so(socket_dir: Path) -> None:
     delivered: list[int] = []
 
-    async def flaky(points: list[MetricPoint]) -> None:
-        if points[0].step == 0:
+    async def flaky(points: MetricColumns) -> None:
+        if points.steps[0] == 0:
             raise ConnectionError("bus down")
-        delivered.extend(p.step for p in points)
+        delivered.extend(points.steps)
 
     async with MetricsChannel(socket_dir / "m.sock", flaky, max_batch=10) as ch:
         await write(ch.path, b"".join(line("loss", s, 1.0) + b"\n" for s in range(30)))

@@ -69,8 +69,8 @@ async def test_a_sample_covers_the_jobs_processes_its_gpus_and_the_host() -> Non
     finally:
         burn.kill()
         await burn.wait()
-    first_keys = {p.key for p in first}
-    values = {p.key: p.value for p in second}
+    first_keys = set(first.keys)
+    values = dict(zip(second.keys, second.values, strict=True))
     assert "system/cpu_pct" not in first_keys  # no interval yet
     assert "system/net_sent_bytes_per_s" not in first_keys
     assert values["system/cpu_pct"] > 5
@@ -79,13 +79,14 @@ async def test_a_sample_covers_the_jobs_processes_its_gpus_and_the_host() -> Non
     assert "system/gpu.1.memory_used_mib" in values
     assert not any(key.startswith("system/gpu.0.") for key in values)  # not the job's GPU
     assert "system/net_recv_bytes_per_s" in values
-    assert {p.step for p in first} == {0}
-    assert {p.step for p in second} == {1}
+    assert set(first.steps) == {0}
+    assert set(second.steps) == {1}
 
 
 def test_a_job_whose_processes_are_gone_samples_without_error() -> None:
     metrics = SystemMetrics()
     metrics.sample([2**22 + 12345])  # no such pid
-    points = {p.key: p.value for p in metrics.sample([2**22 + 12345])}
+    sample = metrics.sample([2**22 + 12345])
+    points = dict(zip(sample.keys, sample.values, strict=True))
     assert points["system/cpu_pct"] == 0.0
     assert points["system/memory_used_mib"] == 0.0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from ciuic_common.events import (
     EVENTS,
@@ -107,13 +108,29 @@ def test_an_event_outside_its_stream_is_an_error() -> None:
 
 @given(st.floats(allow_nan=True, allow_infinity=True))
 def test_metric_values_round_trip_including_nan_and_inf(value: float) -> None:
-    batch = MetricsBatch(
+    at = datetime.now(UTC)
+    batch = MetricsBatch.of(
         run_id="r",
         job_id="j",
-        points=[MetricPoint(key="loss", step=1, value=value, timestamp=datetime.now(UTC))],
+        points=[
+            MetricPoint(key="acc", step=0, value=0.5, timestamp=at),
+            MetricPoint(key="loss", step=1, value=value, timestamp=at),
+        ],
     )
-    back = MetricsBatch.from_bytes(batch.to_bytes()).points[0].value
-    assert (math.isnan(back) and math.isnan(value)) or back == value
+    wire = batch.to_bytes()
+    assert b'"values":[0.5,' in wire  # columns on the wire, not an object per point
+    back = MetricsBatch.from_bytes(wire)
+    assert back.schema_version == 2
+    (_, point) = back.points
+    assert (point.key, point.step, point.timestamp) == ("loss", 1, at)
+    assert (math.isnan(point.value) and math.isnan(value)) or point.value == value
+
+
+def test_metric_batch_columns_of_different_lengths_are_refused() -> None:
+    with pytest.raises(ValidationError, match="keys 2, steps 1, values 2, times 2"):
+        MetricsBatch(
+            run_id="r", job_id="j", keys=["a", "b"], steps=[1], values=[1.0, 2.0], times=[0, 0]
+        )
 
 
 def test_every_event_carries_id_time_and_schema_version() -> None:

@@ -15,11 +15,13 @@ import re
 import string
 import sys
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, Self
+from functools import cached_property
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "DEAD_LETTER_PREFIX",
@@ -512,6 +514,8 @@ class JobStop(Event):
 # Streams of points and lines: gpu_agent -> metrics_collector, alerter, CLI
 # ---------------------------------------------------------------------------------------------
 class MetricPoint(BaseModel):
+    """One point as an object; batches carry points as columns (`MetricsBatch`)."""
+
     model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     key: str
@@ -520,8 +524,38 @@ class MetricPoint(BaseModel):
     timestamp: datetime
 
 
+#: The latest time a point may carry, in Unix seconds: the end of year 9999 (a datetime's range).
+MAX_UNIX_TIME = 253_402_300_799.0
+
+UnixTime = Annotated[float, Field(ge=0, le=MAX_UNIX_TIME)]
+
+
+@dataclass(slots=True)
+class MetricColumns:
+    """Points as parallel lists, the shape `MetricsBatch` carries them in: point i is
+    (keys[i], steps[i], values[i], times[i]), times in Unix seconds. Built without an object
+    per point, by whoever collects points for a batch."""
+
+    keys: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def append(self, key: str, step: int, value: float, time: float) -> None:
+        """Add one point at the end."""
+        self.keys.append(key)
+        self.steps.append(step)
+        self.values.append(value)
+        self.times.append(time)
+
+
 class MetricsBatch(Event):
-    """Metric points of one job, batched by its agent."""
+    """Metric points of one job, batched by its agent, as parallel columns: point i is
+    (`keys[i]`, `steps[i]`, `values[i]`, `times[i]`), its time in Unix seconds, NaN and
+    infinities kept (JSON `NaN`, `Infinity`). `points` gives them as `MetricPoint` objects."""
 
     subject = "ciuic.metrics.{run_id}"
     stream = STREAMS["METRICS"]
@@ -529,7 +563,51 @@ class MetricsBatch(Event):
     run_id: str
     job_id: str
     source: Literal["training", "system"] = "training"
-    points: list[MetricPoint]
+    keys: list[str] = Field(description="the metric key of each point")
+    steps: list[int]
+    values: list[float]
+    times: list[UnixTime] = Field(description="Unix seconds")
+    #: 2: points as columns (1 sent a list of point objects).
+    schema_version: int = 2
+
+    @model_validator(mode="after")
+    def _columns_have_one_length(self) -> Self:
+        n = len(self.keys)
+        if not len(self.steps) == len(self.values) == len(self.times) == n:
+            raise ValueError(
+                "MetricsBatch columns must have one length: "
+                f"keys {n}, steps {len(self.steps)}, values {len(self.values)}, "
+                f"times {len(self.times)}"
+            )
+        return self
+
+    @classmethod
+    def of(cls, *, points: Iterable[MetricPoint], **fields: Any) -> Self:
+        """A batch of these points (`run_id`, `job_id`, ... as keywords); naive times are UTC."""
+        columns = MetricColumns()
+        for p in points:
+            at = p.timestamp if p.timestamp.tzinfo else p.timestamp.replace(tzinfo=UTC)
+            columns.append(p.key, p.step, p.value, at.timestamp())
+        return cls.from_columns(columns, **fields)
+
+    @classmethod
+    def from_columns(cls, columns: MetricColumns, **fields: Any) -> Self:
+        """A batch of the points in `columns` (`run_id`, `job_id`, ... as keywords)."""
+        return cls(
+            keys=columns.keys,
+            steps=columns.steps,
+            values=columns.values,
+            times=columns.times,
+            **fields,
+        )
+
+    @cached_property
+    def points(self) -> list[MetricPoint]:
+        """The points as objects, built on first use (the wire and the collector use columns)."""
+        return [
+            MetricPoint(key=k, step=s, value=v, timestamp=datetime.fromtimestamp(t, UTC))
+            for k, s, v, t in zip(self.keys, self.steps, self.values, self.times, strict=True)
+        ]
 
 
 class LogLine(BaseModel):

@@ -5,10 +5,11 @@ one JSON object per line: `{"key": str, "step": int, "value": float, "ts": unix 
 NaN and infinities as JSON's `NaN`/`Infinity`/`-Infinity` extensions. Any process of the job may
 connect, as often as it likes (every DDP rank, a reconnect after an error).
 
-`MetricsChannel` serves that socket for one job: it parses every line into a `MetricPoint`
-(NaN/±inf kept), counts what is not a point (bad JSON, missing fields, wrong types, values out of
-range, oversized lines) in `stats` without dropping the points around it, keeps per-metric
-`summaries` for `JobFinished.metrics`, and hands points to an async callback in batches: at least
+`MetricsChannel` serves that socket for one job: it parses every line straight into the columns
+of a `MetricColumns` (NaN/±inf kept; no object per point, as `MetricsBatch` carries columns),
+counts what is not a point (bad JSON, missing fields, wrong types, values out of range,
+oversized lines) in `stats` without dropping the points around it, keeps per-metric `summaries`
+for `JobFinished.metrics`, and hands the columns to an async callback in batches: at least
 every `flush_interval` (100 ms) and as soon as `max_batch` points are waiting. When the callback
 falls behind by `max_pending` points the channel stops reading the socket (the writer then blocks
 in the SDK) instead of growing without bound.
@@ -20,17 +21,18 @@ import asyncio
 import contextlib
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Self
+from typing import Annotated, NotRequired, Self
 
-from pydantic import ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
-from ciuic_common.events import MetricPoint
+from ciuic_common.events import MAX_UNIX_TIME, MetricColumns
 from ciuic_common.logging import get_logger
 from ciuic_gpu_agent.summary import DEFAULT_LAST_K, Summaries
 
@@ -38,12 +40,13 @@ __all__ = [
     "ChannelStats",
     "MetricsChannel",
     "PointBatcher",
+    "WirePoint",
     "parse_line",
 ]
 
 log = get_logger(__name__)
 
-OnBatch = Callable[[list[MetricPoint]], Awaitable[None]]
+OnBatch = Callable[[MetricColumns], Awaitable[None]]
 
 #: Lines longer than this are garbage (the SDK's lines are ~100 bytes).
 DEFAULT_MAX_LINE_BYTES = 64 * 1024
@@ -55,27 +58,18 @@ MAX_SOCKET_PATH_BYTES = 107
 _MAX_STEP = 2**63 - 1  # steps are stored as bigint downstream
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+class WirePoint(TypedDict):
+    """A line as the SDK writes it, with strict types (validated by pydantic-core straight from
+    the JSON bytes, into a dict: faster than a model, and json.loads plus checks by hand)."""
 
-
-class _WirePoint(MetricPoint):
-    """A MetricPoint as the SDK writes it: `ts` for the timestamp, strict types.
-
-    Validated straight from JSON bytes by pydantic-core (much faster than json.loads and a
-    Python constructor); instances are MetricPoints and serialise as MetricPoints.
-    """
-
-    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
-
-    key: StrictStr = Field(min_length=1)
-    step: StrictInt = Field(ge=0, le=_MAX_STEP)
+    key: Annotated[str, Field(strict=True, min_length=1)]
+    step: Annotated[int, Field(strict=True, ge=0, le=_MAX_STEP)]
     value: Annotated[float, Field(strict=True)]  # int or float; never bool or a string
-    #: Unix seconds (or an ISO 8601 string); a writer that sends none gets the arrival time.
-    timestamp: datetime = Field(default_factory=_now, validation_alias="ts")
+    #: Unix seconds; a writer that sends none gets the arrival time.
+    ts: NotRequired[Annotated[float, Field(strict=True, ge=0, le=MAX_UNIX_TIME)]]
 
 
-_validate_line = TypeAdapter(_WirePoint).validate_json
+_validate_line = TypeAdapter(WirePoint).validate_json
 
 #: pydantic error types -> the garbage reason we count.
 _REASONS = {
@@ -95,7 +89,7 @@ def _reason(error: ValidationError) -> str:
     return "wrong_type" if kind.endswith("_type") else "bad_value"
 
 
-def parse_line(line: bytes) -> MetricPoint | str:
+def parse_line(line: bytes) -> WirePoint | str:
     """One line of the channel (without its newline) as a point, or the reason it is garbage."""
     try:
         return _validate_line(line)
@@ -127,8 +121,8 @@ class ChannelStats:
 
 
 class PointBatcher:
-    """Collects points and hands them to an async callback in order, in batches of at most
-    `max_batch`, at the latest `interval` seconds after the oldest waiting point arrived."""
+    """Collects points (as columns) and hands them to an async callback in order, in batches of
+    at most `max_batch`, at the latest `interval` seconds after the oldest waiting point arrived."""
 
     def __init__(
         self,
@@ -144,7 +138,7 @@ class PointBatcher:
         self.max_batch = max_batch
         self.interval = interval
         self.stats = stats or ChannelStats()
-        self._points: list[MetricPoint] = []
+        self._points = MetricColumns()
         self._oldest_at = 0.0  # loop time the oldest waiting point arrived
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -162,15 +156,19 @@ class PointBatcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="point-batcher")
 
-    def extend(self, points: list[MetricPoint]) -> None:
+    def extend(self, points: MetricColumns) -> None:
         """Queue points (from the event loop's thread)."""
         if not points:
             return
-        if not self._points:
+        waiting = self._points
+        if not waiting:
             self._oldest_at = asyncio.get_running_loop().time()
             self._wakeup.set()
-        self._points.extend(points)
-        if len(self._points) >= self.max_batch:
+        waiting.keys.extend(points.keys)
+        waiting.steps.extend(points.steps)
+        waiting.values.extend(points.values)
+        waiting.times.extend(points.times)
+        if len(waiting) >= self.max_batch:
             self._wakeup.set()
 
     async def close(self) -> None:
@@ -205,8 +203,15 @@ class PointBatcher:
             await self._flush_one()
 
     async def _flush_one(self) -> None:
-        batch = self._points[: self.max_batch]
-        del self._points[: self.max_batch]
+        waiting, n = self._points, self.max_batch
+        if len(waiting) <= n:
+            batch, self._points = waiting, MetricColumns()
+        else:
+            batch = MetricColumns(
+                waiting.keys[:n], waiting.steps[:n], waiting.values[:n], waiting.times[:n]
+            )
+            for column in (waiting.keys, waiting.steps, waiting.values, waiting.times):
+                del column[:n]
         # What is left arrived no earlier than the oldest point of this batch: keeping the old
         # deadline flushes it a little early, never late.
         try:
@@ -374,8 +379,10 @@ class MetricsChannel:
         stats = self.stats
         limit = self.max_line_bytes
         validate = _validate_line
-        points: list[MetricPoint] = []
+        points = MetricColumns()
+        keys, steps, values, times = points.keys, points.steps, points.values, points.times
         by_key: dict[str, list[float]] = {}
+        arrived = time.time()
         for line in lines:
             if len(line) > limit:
                 stats.count_garbage("oversized", line)
@@ -386,14 +393,19 @@ class MetricsChannel:
                 if line.strip():  # blank lines are harmless: not garbage, not points
                     stats.count_garbage(_reason(error), line)
                 continue
-            points.append(point)
-            values = by_key.get(point.key)
-            if values is None:
-                by_key[point.key] = [point.value]
+            key = point["key"]
+            value = point["value"]
+            keys.append(key)
+            steps.append(point["step"])
+            values.append(value)
+            times.append(point.get("ts", arrived))
+            same_key = by_key.get(key)
+            if same_key is None:
+                by_key[key] = [value]
             else:
-                values.append(point.value)
-        if points:
-            stats.points += len(points)
+                same_key.append(value)
+        if keys:
+            stats.points += len(keys)
             self.summaries.add_grouped(by_key)
             self._batcher.extend(points)
             if not self._paused and self._batcher.pending >= self.max_pending:

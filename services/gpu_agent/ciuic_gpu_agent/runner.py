@@ -54,7 +54,7 @@ from ciuic_common.events import (
     JobOutcome,
     JobStarted,
     JobWork,
-    MetricPoint,
+    MetricColumns,
     MetricsBatch,
 )
 from ciuic_common.expressions import ExpressionError, render
@@ -510,9 +510,9 @@ class JobRunner:
         task.add_done_callback(self._background.discard)
 
     # -- streams -----------------------------------------------------------------------------
-    async def _publish_metrics(self, points: list[MetricPoint]) -> None:
-        event = MetricsBatch(
-            run_id=self.assigned.run_id, job_id=self.job_id, source="training", points=points
+    async def _publish_metrics(self, points: MetricColumns) -> None:
+        event = MetricsBatch.from_columns(
+            points, run_id=self.assigned.run_id, job_id=self.job_id, source="training"
         )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _METRICS_RETRY_FOR
@@ -532,11 +532,8 @@ class JobRunner:
             if pids:
                 points = await asyncio.to_thread(sampler.sample, pids, self.ctx.inventory())
                 if points:
-                    event = MetricsBatch(
-                        run_id=self.assigned.run_id,
-                        job_id=self.job_id,
-                        source="system",
-                        points=points,
+                    event = MetricsBatch.from_columns(
+                        points, run_id=self.assigned.run_id, job_id=self.job_id, source="system"
                     )
                     try:
                         await self.ctx.publish(event)

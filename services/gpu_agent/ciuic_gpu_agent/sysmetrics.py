@@ -1,4 +1,4 @@
-"""System metrics of a running job, as MetricPoints under `system/`.
+"""System metrics of a running job, as metric points (columns) under `system/`.
 
 Every few seconds (the caller's loop; `sample` blocks on /proc, so run it in a thread):
 - `system/cpu_pct` (100 = one core busy) and `system/memory_used_mib` (RSS) of the job's
@@ -16,11 +16,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import psutil
 
-from ciuic_common.events import GpuInfo, Inventory, MetricPoint
+from ciuic_common.events import GpuInfo, Inventory, MetricColumns
 
 __all__ = [
     "IoCounters",
@@ -164,7 +163,7 @@ class SystemMetrics:
         self._io: IoCounters | None = None
         self._step = 0
 
-    def sample(self, pids: Iterable[int], inventory: Inventory | None = None) -> list[MetricPoint]:
+    def sample(self, pids: Iterable[int], inventory: Inventory | None = None) -> MetricColumns:
         """One sample as points (blocking: reads /proc). The first sample has no rates yet."""
         values: dict[str, float] = {}
         usage = self._tree.measure(pids)
@@ -180,8 +179,8 @@ class SystemMetrics:
             values.update(io_rates(self._io, counters))
         self._io = counters
         step, self._step = self._step, self._step + 1
-        now = datetime.now(UTC)
-        return [
-            MetricPoint(key=PREFIX + key, step=step, value=value, timestamp=now)
-            for key, value in values.items()
-        ]
+        now = time.time()
+        points = MetricColumns()
+        for key, value in values.items():
+            points.append(PREFIX + key, step, value, now)
+        return points

@@ -6,9 +6,10 @@ with no timer adding latency when it is quiet). The handler returns, and the bus
 only after the transaction committed. One transaction:
 
 1. records the batches' event ids; ids recorded before (a redelivery) are skipped;
-2. COPYs the points into `points` (keyed by series and step); should a (series, step) exist
-   already (a step logged twice, a batch re-sent under a new id), the points go in through a
-   staging table instead, keeping the stored value, and only what was inserted counts;
+2. COPYs the points into `points` (keyed by series and step), read straight from the batches'
+   columns (no object per point); should a (series, step) exist already (a step logged twice,
+   a batch re-sent under a new id), the points go in through a staging table instead, keeping
+   the stored value, and only what was inserted counts;
 3. folds the points into the series summaries and the rollups (one statement each);
 4. NOTIFYs the runs concerned, for live streams on every replica.
 
@@ -21,18 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import operator
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 from prometheus_client import Counter, Histogram
 
 from ciuic_common.db import Database
-from ciuic_common.events import MetricPoint, MetricsBatch
+from ciuic_common.events import MetricsBatch
 from ciuic_common.logging import get_logger
 from ciuic_metrics_collector import store
 from ciuic_metrics_collector.rollups import ROLLUP_WIDTHS, SeriesDelta, summarise
@@ -91,7 +91,7 @@ class Ingestor:
 
     async def on_batch(self, event: MetricsBatch) -> None:
         """Return once the batch is committed (or was stored before); raise if it cannot be."""
-        if not event.points:
+        if not event.keys:
             return
         waiting = _Waiting(event)
         self._queue.append(waiting)
@@ -128,10 +128,10 @@ class Ingestor:
         taken: list[_Waiting] = []
         points = 0
         queue = self._queue
-        while queue and (not taken or points + len(queue[0].event.points) <= self.max_points):
+        while queue and (not taken or points + len(queue[0].event.keys) <= self.max_points):
             w = queue.popleft()
             taken.append(w)
-            points += len(w.event.points)
+            points += len(w.event.keys)
         return taken
 
     async def _store_group(self, group: list[_Waiting], ticket: int) -> None:
@@ -230,7 +230,7 @@ class Ingestor:
         wanted: dict[SeriesKey, str] = {}
         cache = self._series
         for e in events:
-            for key in {p.key for p in e.points}:
+            for key in set(e.keys):
                 k = (e.run_id, e.job_id, key)
                 if k not in cache:
                     wanted[k] = e.source
@@ -249,31 +249,32 @@ class Ingestor:
 
 Columns = dict[int, tuple[list[int], list[float], list[datetime]]]
 
-_STEP = operator.attrgetter("step")
-_VALUE = operator.attrgetter("value")
-_TIME = operator.attrgetter("timestamp")
-
 
 def _columns(events: Sequence[MetricsBatch], ids: dict[SeriesKey, int]) -> Columns:
     """Points by series id, as parallel step, value and time lists in arrival order."""
-    grouped: dict[int, list[MetricPoint]] = {}
+    out: Columns = {}
     for e in events:
-        adders: dict[str, Callable[[MetricPoint], None]] = {}
-        for p in e.points:
-            # One dict lookup and one append a point: this loop runs for every point stored.
+        # Where each key's points are in the batch: one dict lookup and one append a point.
+        at: dict[str, list[int]] = {}
+        for i, key in enumerate(e.keys):
             try:
-                adders[p.key](p)
+                at[key].append(i)
             except KeyError:
-                adders[p.key] = grouped.setdefault(ids[(e.run_id, e.job_id, p.key)], []).append
-                adders[p.key](p)
-    return {
-        sid: (
-            list(map(_STEP, points)),
-            list(map(_VALUE, points)),
-            list(map(_TIME, points)),
-        )
-        for sid, points in grouped.items()
-    }
+                at[key] = [i]
+        steps, values, times = e.steps, e.values, _datetimes(e.times)
+        for key, where in at.items():
+            s, v, t = out.setdefault(ids[(e.run_id, e.job_id, key)], ([], [], []))
+            s.extend([steps[i] for i in where])
+            v.extend([values[i] for i in where])
+            t.extend([times[i] for i in where])
+    return out
+
+
+def _datetimes(times: list[float]) -> list[datetime]:
+    """Unix seconds as datetimes (what COPY takes); the points of one log call share a time,
+    so each distinct time is converted once."""
+    at = {t: datetime.fromtimestamp(t, UTC) for t in set(times)}
+    return list(map(at.__getitem__, times))
 
 
 def _records(columns: Columns) -> list[PointRecord]:
