@@ -81,6 +81,7 @@ class SimAgent:
         metrics: Metrics = no_metrics,
         heartbeat: float = 0.5,
         mode: Mode = "normal",
+        fails: bool = False,
     ) -> None:
         self.agent_id = agent_id
         self.ledger = ledger
@@ -88,6 +89,8 @@ class SimAgent:
         self.metrics = metrics
         self.heartbeat = heartbeat
         self.mode = mode
+        #: Every job fails here (a broken host), whatever it runs.
+        self.fails = fails
         self.inventory = Inventory(
             hostname=agent_id,
             simulated=True,
@@ -184,7 +187,7 @@ class SimAgent:
         stop = self._stops.pop(key, None)
         if stop is not None:
             outcome, exit_code, reason, by = "stopped", -15, stop[1], stop[0]
-        elif "exit 1" in steps:
+        elif "exit 1" in steps or self.fails:
             outcome, exit_code, reason, by = "failed", 1, "the step exited with 1", None
         else:
             outcome, exit_code, reason, by = "succeeded", 0, None, None

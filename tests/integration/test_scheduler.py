@@ -640,3 +640,35 @@ training:
         )
     assert "bayesian search is not available yet" in run.reason
     assert not run.stages
+
+
+async def test_a_gang_whose_node_fails_is_failed_and_retried_not_just_stopped(
+    nats_url: str, database_url: str
+) -> None:
+    spec = "training:\n  nodes: 2\n  gpus_per_node: 8\n  max_retries: 1\n"
+    ledger = Ledger()
+    service = build(fast(nats_url, database_url))
+    good = SimAgent(nats_url, "sim-good", ledger, duration=2.0)
+    bad = SimAgent(nats_url, "sim-bad", ledger, duration=0.1, fails=True)
+    await good.start()
+    await bad.start()
+    try:
+        async with running(service), api(service) as stub:
+            await request(nats_url, spec)
+            run = await eventually(
+                lambda: the_run(stub),
+                lambda r: r is not None and r.state == "failed",
+                30,
+                "the run to fail after its retry",
+            )
+    finally:
+        await good.kill()
+        await bad.kill()
+    (job,) = run.jobs
+    assert (job.state, job.attempt) == ("failed", 2)
+    assert "on sim-bad (exit 1)" in job.reason
+    # The healthy node was stopped each time, the failing one was not asked.
+    assert {(s.attempt, s.requested_by) for s in ledger.stops} == {
+        (1, "scheduler"),
+        (2, "scheduler"),
+    }

@@ -816,7 +816,7 @@ class Engine:
             if not await store.mark_node(tx, job_id, attempt, rank, state=state):
                 return
             nodes = await store.nodes_of(tx, job_id, attempt)
-            if job.state == "assigned" and all(n.state in ("accepted", "running") for n in nodes):
+            if job.state == "assigned" and all(n.state != "assigned" for n in nodes):
                 await store.set_job_running(tx, job_id)
                 fx.events.append(
                     self._job_changed(job, "running", None, [n.agent_id for n in nodes])
@@ -923,14 +923,17 @@ class Engine:
             final, reason = "timed_out", job.stop_reason or bad.reason or "timed out"
         elif "lost" in states:
             final, reason = "lost", next(n.reason for n in nodes if n.state == "lost")
-        elif job.stop_requested_by == SCHEDULER and job.stop_reason:
-            final, reason = "stopped", job.stop_reason
-        else:
-            final = "failed" if "failed" in states else bad.state
+        elif "failed" in states or not (job.stop_requested_by == SCHEDULER and job.stop_reason):
+            # A node that failed makes the attempt failed (and retried), even though the
+            # scheduler then stopped its other nodes.
+            bad = next((n for n in nodes if n.state == "failed"), bad)
+            final = "failed" if bad.state == "failed" else bad.state
             code = f" (exit {bad.exit_code})" if bad.exit_code is not None else ""
             reason = f"node {bad.rank} on {bad.agent_id}{code}" + (
                 f": {bad.reason}" if bad.reason else ""
             )
+        else:
+            final, reason = "stopped", job.stop_reason
         lost_agents = [n.agent_id for n in nodes if n.state == "lost"]
         if (
             final in ("failed", "lost")
@@ -1019,15 +1022,14 @@ class Engine:
             return
         await store.mark_node(tx, job.id, node.attempt, node.rank, state="lost", reason=reason)
         others = [n for n in await store.nodes_of(tx, job.id, job.attempt) if n.finished_at is None]
-        if others:
-            why = f"node {node.rank} lost: {reason}"
-            for other in others:
-                await store.mark_node(
-                    tx, job.id, job.attempt, other.rank, state="stopped", reason=why
-                )
-            fx.events.append(
-                JobStop(job_id=job.id, attempt=job.attempt, requested_by=SCHEDULER, reason=why)
-            )
+        why = f"node {node.rank} lost: {reason}"
+        for other in others:
+            await store.mark_node(tx, job.id, job.attempt, other.rank, state="stopped", reason=why)
+        # Every node is told, the lost one included: an agent only cut off from the bus gets the
+        # stop from its durable consumer when it is back, and does not run on beside the retry.
+        fx.events.append(
+            JobStop(job_id=job.id, attempt=job.attempt, requested_by=SCHEDULER, reason=why)
+        )
         await self._end_attempt(tx, fx, job, await store.nodes_of(tx, job.id, job.attempt))
 
     async def on_data_version_ready(self, event: DataVersionReady) -> None:
@@ -1109,15 +1111,23 @@ class Engine:
 
     async def tick(self) -> None:
         async with self._mutex:
-            if not self.active:
-                return
-            await self._refresh_agents()
-            await self._cancel_requested()
-            await self._lost_agents()
-            await self._unacknowledged()
-            await self._deadlines()
-            await self._place()
-            await self._flush_heartbeats()
+            for step in (
+                self._refresh_agents,
+                self._cancel_requested,
+                self._lost_agents,
+                self._unacknowledged,
+                self._deadlines,
+                self._place,
+                self._flush_heartbeats,
+            ):
+                if not self.active:
+                    return
+                try:
+                    await step()
+                except Deposed:
+                    raise
+                except Exception as exc:  # one failing step must not stop the others
+                    log.exception("tick_step_failed", step=step.__name__, error=repr(exc))
 
     async def _refresh_agents(self) -> None:
         while self._refresh:
@@ -1216,6 +1226,24 @@ class Engine:
                     continue
                 nodes = await store.nodes_of(tx, job.id, job.attempt)
                 silent = [n.agent_id for n in nodes if n.state == "assigned"]
+                if not silent:
+                    # Every node answered (a report overtook its acceptance): it runs.
+                    await store.set_job_running(tx, job.id)
+                    fx.events.append(self._job_changed(job, "running", None))
+                    continue
+                if job.stop_requested_by and job.stop_requested_by != SCHEDULER:
+                    # Asked to stop while its agents were silent: it ends here, not elsewhere.
+                    reason = f"stopped by {job.stop_requested_by}: {job.stop_reason}"
+                    fx.events.append(
+                        JobStop(job_id=job.id, attempt=job.attempt, requested_by=SCHEDULER,
+                                reason=reason)
+                    )  # fmt: skip
+                    fx.released.append(job.id)
+                    await store.end_job(tx, job.id, state="stopped", reason=reason,
+                                        stopped_by=job.stop_requested_by)  # fmt: skip
+                    fx.events.append(self._job_changed(job, "stopped", reason))
+                    await self._advance(tx, fx, job.run_id)
+                    continue
                 why = f"not accepted by {', '.join(silent)} within {self.timing.ack_timeout:g}s"
                 for node in nodes:
                     if node.finished_at is None:

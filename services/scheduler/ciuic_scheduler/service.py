@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ciuic_common.bus import RetryPolicy
 from ciuic_common.components import service as component
 from ciuic_common.election import LeaderElection
 from ciuic_common.events import (
@@ -100,8 +101,11 @@ def build(settings: SchedulerSettings | None = None) -> Service:
         (ModelRegistered, engine.on_model_registered),
         (BaselineResolved, engine.on_baseline_resolved),
     ]
+    # What agents and services report is the only record of it: keep trying through a database
+    # outage or a failover (backing off to a minute) rather than dead-letter it.
+    patient = RetryPolicy(max_deliver=1000, backoff=(1.0, 5.0, 15.0, 30.0, 60.0))
     for event_type, handler in handlers:
-        service.subscribe(event_type, handler, gate=engine.leading)
+        service.subscribe(event_type, handler, gate=engine.leading, retry=patient)
 
     async def heartbeat(event: AgentHeartbeat) -> None:
         engine.on_heartbeat(event)

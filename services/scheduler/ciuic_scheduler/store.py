@@ -501,12 +501,11 @@ async def assign_job(
     tx: Connection, job_id: str, nodes: Sequence[tuple[int, str, Sequence[int]]]
 ) -> JobRow | None:
     """Move a queued job to `assigned` with its nodes as a new attempt; None when it is no longer
-    queued (cancelled meanwhile): nothing is placed then."""
+    queued or someone asked to stop it meanwhile: nothing is placed then."""
     record = await tx.fetchrow(
         """UPDATE jobs SET state = 'assigned', attempt = attempt + 1, assigned_at = now(),
-                           started_at = NULL, reason = NULL, stop_requested_at = NULL,
-                           stop_requested_by = NULL, stop_reason = NULL
-           WHERE id = $1 AND state = 'queued' RETURNING *""",
+                           started_at = NULL, reason = NULL
+           WHERE id = $1 AND state = 'queued' AND stop_requested_at IS NULL RETURNING *""",
         job_id,
     )
     if record is None:
@@ -611,7 +610,8 @@ async def requeue_job(
     """Back to the queue for another attempt, away from `exclude`."""
     await tx.execute(
         """UPDATE jobs SET state = 'queued', queued_at = now(), reason = $2,
-                           failures = failures + $4::int,
+                           failures = failures + $4::int, stop_requested_at = NULL,
+                           stop_requested_by = NULL, stop_reason = NULL,
                            excluded_agents = ARRAY(SELECT DISTINCT unnest(excluded_agents || $3))
            WHERE id = $1""",
         job_id, reason, list(exclude), 1 if failed else 0,
