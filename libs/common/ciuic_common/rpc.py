@@ -21,10 +21,12 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any, Literal
 
 import grpc
 import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -48,6 +50,7 @@ __all__ = [
     "health_check",
     "health_check_sync",
     "status_code_for",
+    "timestamp",
 ]
 
 log = structlog.get_logger(__name__)
@@ -121,6 +124,15 @@ _HEALTH_NAMES: dict[int, HealthStatus] = {
     health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
     health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
 }
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    """A datetime as a protobuf Timestamp for a response message (None stays unset)."""
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
 
 
 def status_code_for(error: CiuicError) -> grpc.StatusCode:

@@ -12,15 +12,13 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from ciuic_common.db import Connection, Database
 from ciuic_common.errors import InvalidArgument, NotFound, Unavailable
 from ciuic_common.proto import metrics_collector_pb2 as pb
 from ciuic_common.proto import metrics_collector_pb2_grpc
+from ciuic_common.rpc import timestamp
 from ciuic_metrics_collector import store
 from ciuic_metrics_collector.downsample import MIN_POINTS, Sample, downsample, from_points, plan
 from ciuic_metrics_collector.history import History, resolve_run_id
@@ -48,14 +46,6 @@ class Limits:
     stream_poll_s: float = 5.0
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -66,7 +56,7 @@ def _series_message(s: SeriesRow, samples: Sequence[Sample], total: int, down: b
         job_id=s.job_id,
         key=s.key,
         source=s.source,
-        points=[pb.Point(step=p.step, value=p.value, time=_ts(p.time)) for p in samples],
+        points=[pb.Point(step=p.step, value=p.value, time=timestamp(p.time)) for p in samples],
         total_points=total,
         downsampled=down,
     )
@@ -190,7 +180,7 @@ class MetricsApi(metrics_collector_pb2_grpc.MetricsServiceServicer):
                     nan_count=s.nan_count,
                     first_step=s.first_step or 0,
                     last_step=s.last_step or 0,
-                    updated_at=_ts(s.updated_at),
+                    updated_at=timestamp(s.updated_at),
                 )
                 for s in series
             ]

@@ -13,13 +13,12 @@ import math
 from datetime import datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from ciuic_common.db import Connection, Database
 from ciuic_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from ciuic_common.events import Inventory, JobStop
 from ciuic_common.outbox import Outbox
 from ciuic_common.proto import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from ciuic_common.rpc import timestamp
 from ciuic_scheduler import store
 from ciuic_scheduler.engine import AgentMonitor
 from ciuic_scheduler.store import JobRow, NodeRow, RunRow, StageRow
@@ -30,14 +29,6 @@ MAX_PAGE = 500
 WAKE_CHANNEL = "ciuic_scheduler"
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def stage_message(stage: StageRow) -> scheduler_pb2.Stage:
     return scheduler_pb2.Stage(
         name=stage.name,
@@ -46,8 +37,8 @@ def stage_message(stage: StageRow) -> scheduler_pb2.Stage:
         service=(stage.service or "") if stage.state == "waiting" else "",
         reason=stage.reason or "",
         needs=stage.needs,
-        started_at=_ts(stage.started_at),
-        finished_at=_ts(stage.finished_at),
+        started_at=timestamp(stage.started_at),
+        finished_at=timestamp(stage.finished_at),
         timeout_seconds=stage.timeout_s or 0.0,
     )
 
@@ -71,9 +62,9 @@ def job_message(job: JobRow, nodes: list[NodeRow]) -> scheduler_pb2.Job:
             for n in nodes
         ],
         excluded_agents=job.excluded_agents,
-        queued_at=_ts(job.queued_at),
-        started_at=_ts(job.started_at),
-        finished_at=_ts(job.finished_at),
+        queued_at=timestamp(job.queued_at),
+        started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at),
         exit_code=job.exit_code or 0,
         has_exit_code=job.exit_code is not None,
         metrics_json=json.dumps(job.metrics, allow_nan=True),
@@ -93,8 +84,8 @@ def run_message(
         pipeline=run.pipeline or "",
         state=run.state,
         reason=run.reason or "",
-        created_at=_ts(run.created_at),
-        finished_at=_ts(run.finished_at),
+        created_at=timestamp(run.created_at),
+        finished_at=timestamp(run.finished_at),
         stages=[stage_message(s) for s in stages],
         jobs=jobs or [],
         best_trial=run.best_trial if run.best_trial is not None else -1,
@@ -359,8 +350,8 @@ class SchedulerApi(scheduler_pb2_grpc.SchedulerServiceServicer):
             capabilities=inventory.capabilities,
             millicores=inventory.millicores,
             memory_mib=inventory.memory_mib,
-            registered_at=_ts(row.registered_at),
-            last_seen_at=_ts(max(seen, row.last_seen_at)),
+            registered_at=timestamp(row.registered_at),
+            last_seen_at=timestamp(max(seen, row.last_seen_at)),
             jobs=sorted(set(held.values())),
             cpu_pct=inventory.cpu_pct or 0.0,
             address=inventory.address,

@@ -750,21 +750,8 @@ class Engine:
             reason=reason,
         )
         job.state, job.runtime_estimate_s = "queued", estimate
-        fx.queued.append(
-            JobRequest(
-                job.id,
-                job.project,
-                nodes=job.nodes,
-                gpus_per_node=job.gpus_per_node,
-                millicores_per_node=job.millicores,
-                memory_mib_per_node=job.memory_mib,
-                priority=job.priority,
-                capability=job.capability,
-                submitted_at=time.time(),
-                runtime_estimate_s=estimate,
-                excluded_agents=frozenset(job.excluded_agents),
-            )
-        )
+        job.queued_at = datetime.now(UTC)
+        fx.queued.append(request_of(job))
         fx.events.append(self._job_changed(job, "queued", reason))
 
     @staticmethod

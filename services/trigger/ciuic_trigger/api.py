@@ -6,12 +6,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from ciuic_common.db import Database
 from ciuic_common.errors import InvalidArgument, NotFound
 from ciuic_common.outbox import Outbox
 from ciuic_common.proto import common_pb2, trigger_pb2, trigger_pb2_grpc
+from ciuic_common.rpc import timestamp
 from ciuic_trigger import store
 from ciuic_trigger.git import Mirrors
 from ciuic_trigger.intake import settle
@@ -21,22 +20,14 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 500
 
 
-def _ts(value: Any) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def repository_message(repo: store.Repository) -> trigger_pb2.Repository:
     return trigger_pb2.Repository(
         id=str(repo.id),
         url=repo.url,
         key=repo.key,
-        created_at=_ts(repo.created_at),
+        created_at=timestamp(repo.created_at),
         deliveries=repo.deliveries,
-        last_delivery_at=_ts(repo.last_delivery_at),
+        last_delivery_at=timestamp(repo.last_delivery_at),
     )
 
 
@@ -64,8 +55,8 @@ def delivery_message(d: store.Delivery) -> trigger_pb2.Delivery:
             for e in d.errors
         ],
         pipeline_event_id=d.pipeline_event_id or "",
-        received_at=_ts(d.received_at),
-        finished_at=_ts(d.finished_at),
+        received_at=timestamp(d.received_at),
+        finished_at=timestamp(d.finished_at),
     )
 
 
